@@ -1,0 +1,74 @@
+//! [`Config`]: every setting of the server, from flags or environment variables.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The Confab chat server.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "confab-server", version, about)]
+pub struct Config {
+    /// Address to listen on (`127.0.0.1:0` picks a free port; the log says which).
+    #[arg(long, env = "CONFAB_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Largest gRPC message the server accepts, in bytes; bigger frames are refused.
+    #[arg(long, env = "CONFAB_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Longest message text, in bytes of UTF-8.
+    #[arg(long, env = "CONFAB_MAX_TEXT_BYTES", default_value_t = 4096)]
+    pub max_text_bytes: usize,
+
+    /// Messages replayed to a client that joins a room without resuming from a seq.
+    #[arg(long, env = "CONFAB_HISTORY_ON_JOIN", default_value_t = 50)]
+    pub history_on_join: u64,
+
+    /// Events each room's fan-out ring holds; readers further behind catch up from storage.
+    #[arg(long, env = "CONFAB_RING_CAPACITY", default_value_t = 1024)]
+    pub ring_capacity: usize,
+
+    /// How long a retried client_msg_id is recognised and acked with its original seq.
+    #[arg(long, env = "CONFAB_DEDUPE_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub dedupe_window: Duration,
+
+    /// How long a session token is accepted.
+    #[arg(long, env = "CONFAB_TOKEN_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+
+    /// How long a nickname stays reserved for its session after its last stream or call.
+    #[arg(long, env = "CONFAB_NICKNAME_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub nickname_lease: Duration,
+
+    /// HTTP/2 keepalive ping interval; a dead connection is noticed within interval + timeout.
+    #[arg(long, env = "CONFAB_KEEPALIVE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "CONFAB_KEEPALIVE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// On shutdown, how long to wait for streams to end before closing connections.
+    #[arg(long, env = "CONFAB_SHUTDOWN_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format (the level comes from RUST_LOG, default `info`).
+    #[arg(long, env = "CONFAB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    /// The defaults of every flag.
+    fn default() -> Self {
+        Self::parse_from(["confab-server"])
+    }
+}

@@ -1,0 +1,181 @@
+//! [`Cursor`]: one reader's position in one room; where "in seq order, no gaps, no
+//! duplicates" is kept.
+//!
+//! A cursor knows the seq it must deliver next. It takes messages from two places:
+//!
+//! * the store, for everything up to `replay_until` (history on join, a resume, or what
+//!   the reader missed while it lagged), read in chunks;
+//! * the room's broadcast ring, for live events.
+//!
+//! Whatever arrives with a seq it has already delivered is dropped; a seq beyond the next
+//! one means it missed something, which it reads from the store first. When the ring
+//! overwrites events the reader had not taken (`Lagged`), everything up to the room's head
+//! is read from the store. So a slow reader loses nothing, and never holds more than one
+//! chunk of messages of its own: the ring is shared and bounded.
+//!
+//! The cursor is pulled, never pushed: the session asks for the next event only when its
+//! response stream has room, so how fast a reader reads is its own business.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use confab::ChatMessage;
+use futures::Stream;
+use tokio::sync::broadcast::{self, error::RecvError};
+
+use crate::{
+    error::ChatError,
+    hub::{Room, RoomEvent},
+    store::Store,
+};
+
+/// Messages read from the store at a time when replaying.
+const REPLAY_CHUNK: usize = 256;
+
+/// What a cursor yields.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// The next event.
+    Event(RoomEvent),
+    /// Messages `from..=to` are not in the store (removed by retention) and never will be.
+    Gap {
+        /// The first missing seq.
+        from: u64,
+        /// The last missing seq.
+        to: u64,
+    },
+}
+
+/// One reader's position in one room.
+pub struct Cursor {
+    /// The room, for its name and head seq.
+    room: Arc<Room>,
+    /// Where replayed messages come from.
+    store: Arc<dyn Store>,
+    /// The reader's position in the room's ring.
+    live: broadcast::Receiver<RoomEvent>,
+    /// The seq of the next message to deliver.
+    next_seq: u64,
+    /// Messages up to this seq come from the store before anything live is delivered.
+    replay_until: u64,
+    /// Messages read from the store and not yet delivered, in order.
+    backlog: VecDeque<ChatMessage>,
+    /// The reader's nickname: its own typing notices are not sent back to it.
+    reader: Option<String>,
+}
+
+impl Cursor {
+    /// A cursor that delivers the messages after `after_seq`: those up to `head` from the
+    /// store, then live ones from `live` (which was subscribed when `head` was read).
+    pub(crate) fn new(
+        room: Arc<Room>,
+        store: Arc<dyn Store>,
+        live: broadcast::Receiver<RoomEvent>,
+        after_seq: u64,
+        head: u64,
+        reader: Option<String>,
+    ) -> Self {
+        Self {
+            room,
+            store,
+            live,
+            next_seq: after_seq + 1,
+            replay_until: head,
+            backlog: VecDeque::new(),
+            reader,
+        }
+    }
+
+    /// The room this cursor reads.
+    pub fn room(&self) -> &Arc<Room> {
+        &self.room
+    }
+
+    /// The next delivery; `None` if the room's ring closed (the hub is gone).
+    pub async fn next(&mut self) -> Result<Option<Delivery>, ChatError> {
+        loop {
+            if let Some(message) = self.backlog.pop_front() {
+                self.next_seq = message.seq + 1;
+                return Ok(Some(Delivery::Event(RoomEvent::Message(message))));
+            }
+            if self.next_seq <= self.replay_until {
+                if let Some(gap) = self.refill()? {
+                    return Ok(Some(gap));
+                }
+                continue;
+            }
+            match self.live.recv().await {
+                Ok(RoomEvent::Message(message)) => {
+                    if message.seq < self.next_seq {
+                        // Already delivered from the store.
+                        continue;
+                    }
+                    if message.seq > self.next_seq {
+                        // Something between is missing here: it is in the store, and so is
+                        // this one, so read them in order from there.
+                        self.replay_until = message.seq;
+                        continue;
+                    }
+                    self.next_seq = message.seq + 1;
+                    return Ok(Some(Delivery::Event(RoomEvent::Message(message))));
+                }
+                Ok(RoomEvent::Typing(typing))
+                    if self.reader.as_deref() == Some(typing.user.as_str()) =>
+                {
+                    continue;
+                }
+                Ok(event) => return Ok(Some(Delivery::Event(event))),
+                Err(RecvError::Lagged(skipped)) => {
+                    // The ring moved past this reader. Every message up to the head is in
+                    // the store; presence and typing notices that were overwritten are
+                    // ephemeral and not replayed.
+                    tracing::debug!(
+                        room = self.room.name(),
+                        skipped,
+                        "reader lagged; reading from the store"
+                    );
+                    self.replay_until = self.replay_until.max(self.room.head_seq());
+                }
+                Err(RecvError::Closed) => return Ok(None),
+            }
+        }
+    }
+
+    /// Reads the next chunk of `next_seq..=replay_until` into the backlog. Returns a gap
+    /// when the store no longer has the first of those messages.
+    fn refill(&mut self) -> Result<Option<Delivery>, ChatError> {
+        let wanted = usize::try_from(self.replay_until - self.next_seq + 1).unwrap_or(usize::MAX);
+        let messages = self.store.read_after(
+            self.room.name(),
+            self.next_seq - 1,
+            wanted.min(REPLAY_CHUNK),
+        )?;
+        let first = messages.first().map_or(self.replay_until + 1, |m| m.seq);
+        self.backlog.extend(
+            messages
+                .into_iter()
+                .take_while(|m| m.seq <= self.replay_until),
+        );
+        if first > self.next_seq {
+            let gap = Delivery::Gap {
+                from: self.next_seq,
+                to: first - 1,
+            };
+            self.next_seq = first;
+            return Ok(Some(gap));
+        }
+        Ok(None)
+    }
+
+    /// The cursor as a stream, for reading many rooms at once with a `StreamMap`.
+    pub fn into_stream(self) -> impl Stream<Item = Result<Delivery, ChatError>> + Send {
+        futures::stream::unfold(Some(self), |cursor| async move {
+            let mut cursor = cursor?;
+            match cursor.next().await {
+                Ok(Some(delivery)) => Some((Ok(delivery), Some(cursor))),
+                Ok(None) => None,
+                // A store failure ends this cursor after reporting it.
+                Err(error) => Some((Err(error), None)),
+            }
+        })
+    }
+}

@@ -1,0 +1,527 @@
+//! The hub: every room, its seq counter, its members and its fan-out ring.
+//!
+//! A [`Room`] appends under a short std `Mutex`: check the idempotency key, take the next
+//! seq, hand the message to the store, and publish one [`RoomEvent`] on the room's
+//! `broadcast` channel. The event holds a [`ChatMessage`], an `Arc` that encodes once, so
+//! a room of N readers costs one allocation and one encode per message, not N.
+//!
+//! Readers are [`Cursor`]s into that ring (see `cursor.rs`); membership is a [`Presence`]
+//! guard whose `Drop` sends the leave event, so however a session ends (leave, stream end,
+//! dropped connection, shutdown, panic) the user leaves the room at once.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::SystemTime,
+};
+
+use confab::{
+    ChatMessage, ChatMessageRecord,
+    pb::{self, PresenceKind},
+};
+use dashmap::{DashMap, mapref::entry::Entry};
+use tokio::sync::broadcast;
+
+use crate::{
+    cursor::Cursor,
+    error::ChatError,
+    store::{RoomRecord, Store, StoreError},
+    validate::Outgoing,
+};
+
+/// Settings of the hub.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Events each room's ring holds. A reader that falls further behind reads the missed
+    /// messages from the store; the ring bounds memory, not correctness.
+    pub ring_capacity: usize,
+    /// Messages replayed to a join that does not resume from a seq.
+    pub history_on_join: u64,
+}
+
+/// One event on a room's ring. Cloning it (once per reader) only bumps reference counts.
+#[derive(Debug, Clone)]
+pub enum RoomEvent {
+    /// A stored message.
+    Message(ChatMessage),
+    /// A user arrived or left.
+    Presence(Arc<pb::PresenceEvent>),
+    /// A user started or stopped typing (ephemeral: never stored).
+    Typing(Arc<pb::TypingEvent>),
+}
+
+/// Where an appended message landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Its seq in the room.
+    pub seq: u64,
+    /// True when the idempotency key was seen before and nothing new was stored.
+    pub duplicate: bool,
+}
+
+/// A chat room.
+#[derive(Debug)]
+pub struct Room {
+    /// The room's name (validated; never changes).
+    name: String,
+    /// The fan-out ring. Every reader holds a `Receiver`: a position in it.
+    events: broadcast::Sender<RoomEvent>,
+    /// Seq, topic and members. A std `Mutex`: held for a few operations, never across an
+    /// `.await`, and it is what orders appends, so seqs are assigned without holes.
+    state: Mutex<RoomState>,
+}
+
+#[derive(Debug)]
+struct RoomState {
+    /// What the store keeps about the room; `head_seq` is the last assigned seq.
+    record: RoomRecord,
+    /// Present users and how many of their streams joined. A `BTreeMap` so that member
+    /// lists come out sorted, as `ListMembers` pages them.
+    members: BTreeMap<String, usize>,
+}
+
+fn now() -> prost_types::Timestamp {
+    SystemTime::now().into()
+}
+
+impl Room {
+    fn new(record: RoomRecord, ring_capacity: usize) -> Self {
+        let (events, _) = broadcast::channel(ring_capacity);
+        Self {
+            name: record.name.clone(),
+            events,
+            state: Mutex::new(RoomState {
+                record,
+                members: BTreeMap::new(),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, RoomState> {
+        // Every update of the state is complete before anything that can panic, so a
+        // poisoned lock still guards consistent data.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The room's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The seq of the newest message.
+    pub fn head_seq(&self) -> u64 {
+        self.state().record.head_seq
+    }
+
+    /// The room as the protocol describes it.
+    pub fn info(&self) -> pb::RoomInfo {
+        info(&self.state())
+    }
+
+    /// Up to `limit` present users after `after` (exclusive), in order, and whether more follow.
+    pub fn members_page(&self, after: Option<&str>, limit: usize) -> (Vec<String>, bool) {
+        let state = self.state();
+        page(state.members.keys(), after, limit)
+    }
+
+    /// Appends a message from `sender`, unless its idempotency key was seen already.
+    fn append(
+        &self,
+        store: &dyn Store,
+        sender: &str,
+        message: Outgoing,
+    ) -> Result<Published, ChatError> {
+        let mut state = self.state();
+        if let Some(seq) = store.find_sent(&self.name, sender, &message.client_msg_id)? {
+            return Ok(Published {
+                seq,
+                duplicate: true,
+            });
+        }
+        let seq = state.record.head_seq + 1;
+        let stored = ChatMessage::new(ChatMessageRecord {
+            room: self.name.clone(),
+            seq,
+            sender: sender.to_owned(),
+            text: message.text,
+            kind: message.kind as i32,
+            client_msg_id: message.client_msg_id,
+            sent_at: Some(now()),
+        });
+        store.append(&stored)?;
+        state.record.head_seq = seq;
+        // Published while the lock is held, so the ring is in seq order. `send` fails only
+        // when no one is reading, which is fine: the message is in the store.
+        let _ = self.events.send(RoomEvent::Message(stored));
+        Ok(Published {
+            seq,
+            duplicate: false,
+        })
+    }
+
+    /// Tells readers that `user` is or stopped typing.
+    pub fn typing(&self, user: &str, typing: bool) {
+        let _ = self
+            .events
+            .send(RoomEvent::Typing(Arc::new(pb::TypingEvent {
+                room: self.name.clone(),
+                user: user.to_owned(),
+                typing,
+            })));
+    }
+
+    /// Enters `user` into the room on one stream and opens a cursor for it.
+    ///
+    /// With `after_seq`, the cursor replays exactly the messages after it; without, the
+    /// last `history` messages. Both then go live without a gap or a duplicate: the cursor
+    /// subscribes to the ring under the same lock that reads the head seq, so every
+    /// message is either at or below the head (replayed from the store) or on the ring.
+    pub fn join(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        user: &str,
+        after_seq: Option<u64>,
+        history: u64,
+    ) -> (pb::Joined, Cursor, Presence) {
+        let mut state = self.state();
+        let live = self.events.subscribe();
+        let head = state.record.head_seq;
+        let start_after = match after_seq {
+            // A client that saw more than exists (the server lost its memory) gets live
+            // messages only; there is nothing to replay.
+            Some(seq) => seq.min(head),
+            None => head.saturating_sub(history),
+        };
+        let streams = state.members.entry(user.to_owned()).or_insert(0);
+        *streams += 1;
+        if *streams == 1 {
+            self.presence(user, PresenceKind::Joined);
+        }
+        let joined = pb::Joined {
+            room: Some(info(&state)),
+            members: state.members.keys().cloned().collect(),
+            replay_from_seq: start_after + 1,
+        };
+        drop(state);
+        let cursor = Cursor::new(
+            self.clone(),
+            store,
+            live,
+            start_after,
+            head,
+            Some(user.to_owned()),
+        );
+        let presence = Presence {
+            room: self.clone(),
+            user: user.to_owned(),
+        };
+        (joined, cursor, presence)
+    }
+
+    /// Opens a read-only cursor (no presence): after `after_seq`, or live from the head.
+    pub fn tail(self: &Arc<Self>, store: Arc<dyn Store>, after_seq: Option<u64>) -> Cursor {
+        let state = self.state();
+        let live = self.events.subscribe();
+        let head = state.record.head_seq;
+        drop(state);
+        let start_after = after_seq.map_or(head, |seq| seq.min(head));
+        Cursor::new(self.clone(), store, live, start_after, head, None)
+    }
+
+    /// One of `user`'s streams left; the last one makes the user leave.
+    fn exit(&self, user: &str) {
+        let mut state = self.state();
+        let Some(streams) = state.members.get_mut(user) else {
+            return;
+        };
+        *streams -= 1;
+        if *streams == 0 {
+            state.members.remove(user);
+            self.presence(user, PresenceKind::Left);
+        }
+    }
+
+    /// Publishes a presence event; called with the state lock held, so presence events are
+    /// in the same order as the member set changes.
+    fn presence(&self, user: &str, kind: PresenceKind) {
+        let _ = self
+            .events
+            .send(RoomEvent::Presence(Arc::new(pb::PresenceEvent {
+                room: self.name.clone(),
+                user: user.to_owned(),
+                kind: kind as i32,
+                at: Some(now()),
+            })));
+    }
+}
+
+fn info(state: &RoomState) -> pb::RoomInfo {
+    let record = &state.record;
+    pb::RoomInfo {
+        name: record.name.clone(),
+        topic: record.topic.clone(),
+        head_seq: record.head_seq,
+        member_count: u32::try_from(state.members.len()).unwrap_or(u32::MAX),
+        created_at: Some(record.created_at.into()),
+        created_by: record.created_by.clone(),
+    }
+}
+
+/// Up to `limit` items of a sorted sequence after `after`, and whether more follow.
+fn page<'a>(
+    sorted: impl Iterator<Item = &'a String>,
+    after: Option<&str>,
+    limit: usize,
+) -> (Vec<String>, bool) {
+    let mut items = sorted.skip_while(|item| after.is_some_and(|after| item.as_str() <= after));
+    let page: Vec<String> = items.by_ref().take(limit).cloned().collect();
+    let more = items.next().is_some();
+    (page, more)
+}
+
+/// A user's presence in a room through one stream. Dropping it leaves.
+#[derive(Debug)]
+pub struct Presence {
+    room: Arc<Room>,
+    user: String,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.room.exit(&self.user);
+    }
+}
+
+/// All rooms.
+pub struct Hub {
+    /// Rooms by name. A `DashMap`: lookups on every command from every session, sharded
+    /// so they do not contend; each room has its own lock for its own state.
+    rooms: DashMap<String, Arc<Room>>,
+    /// The storage engine.
+    store: Arc<dyn Store>,
+    /// Settings.
+    config: HubConfig,
+}
+
+impl Hub {
+    /// A hub over `store`, with the rooms it already holds.
+    pub fn new(store: Arc<dyn Store>, config: HubConfig) -> Result<Self, StoreError> {
+        let rooms = DashMap::new();
+        for record in store.rooms()? {
+            rooms.insert(
+                record.name.clone(),
+                Arc::new(Room::new(record, config.ring_capacity)),
+            );
+        }
+        Ok(Self {
+            rooms,
+            store,
+            config,
+        })
+    }
+
+    /// The storage engine.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    /// The room `name`, named by request field `field`; NOT_FOUND if it does not exist.
+    pub fn room(&self, field: &str, name: &str) -> Result<Arc<Room>, ChatError> {
+        self.rooms
+            .get(name)
+            .map(|room| room.clone())
+            .ok_or_else(|| ChatError::room_not_found(field, name))
+    }
+
+    /// Creates room `name`; ALREADY_EXISTS if it exists.
+    pub fn create_room(
+        &self,
+        name: &str,
+        topic: &str,
+        creator: &str,
+    ) -> Result<Arc<Room>, ChatError> {
+        match self.rooms.entry(name.to_owned()) {
+            Entry::Occupied(_) => Err(ChatError::RoomExists(name.to_owned())),
+            Entry::Vacant(slot) => Ok(slot.insert(self.new_room(name, topic, creator)?).clone()),
+        }
+    }
+
+    /// The room `name`, created (by `creator`, without a topic) if it does not exist.
+    pub fn open_room(&self, name: &str, creator: &str) -> Result<Arc<Room>, ChatError> {
+        if let Some(room) = self.rooms.get(name) {
+            return Ok(room.clone());
+        }
+        match self.rooms.entry(name.to_owned()) {
+            Entry::Occupied(room) => Ok(room.get().clone()),
+            Entry::Vacant(slot) => Ok(slot.insert(self.new_room(name, "", creator)?).clone()),
+        }
+    }
+
+    fn new_room(&self, name: &str, topic: &str, creator: &str) -> Result<Arc<Room>, ChatError> {
+        let record = RoomRecord {
+            name: name.to_owned(),
+            topic: topic.to_owned(),
+            created_at: SystemTime::now(),
+            created_by: creator.to_owned(),
+            head_seq: 0,
+        };
+        self.store.create_room(&record)?;
+        tracing::info!(room = name, by = creator, "room created");
+        Ok(Arc::new(Room::new(record, self.config.ring_capacity)))
+    }
+
+    /// Up to `limit` rooms after `after` (exclusive) in name order, and whether more follow.
+    pub fn rooms_page(&self, after: Option<&str>, limit: usize) -> (Vec<Arc<Room>>, bool) {
+        let mut names: Vec<String> = self.rooms.iter().map(|r| r.key().clone()).collect();
+        names.sort_unstable();
+        let (names, more) = page(names.iter(), after, limit);
+        let rooms = names
+            .iter()
+            .filter_map(|name| self.rooms.get(name).map(|r| r.clone()))
+            .collect();
+        (rooms, more)
+    }
+
+    /// Appends `message` from `sender` to its room (which must exist).
+    pub fn publish(
+        &self,
+        field: &str,
+        sender: &str,
+        message: Outgoing,
+    ) -> Result<Published, ChatError> {
+        let room = self.room(field, &message.room)?;
+        let published = room.append(self.store.as_ref(), sender, message)?;
+        Ok(published)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use confab::MessageKind;
+
+    use super::*;
+    use crate::{cursor::Delivery, store::MemoryStore};
+
+    fn hub(ring_capacity: usize) -> Hub {
+        let store = Arc::new(MemoryStore::new(Duration::from_secs(600)));
+        Hub::new(
+            store,
+            HubConfig {
+                ring_capacity,
+                history_on_join: 3,
+            },
+        )
+        .unwrap()
+    }
+
+    fn say(hub: &Hub, room: &str, text: &str) -> Published {
+        hub.publish(
+            "room",
+            "alice",
+            Outgoing {
+                room: room.into(),
+                text: text.into(),
+                client_msg_id: format!("id-{text}"),
+                kind: MessageKind::Text,
+            },
+        )
+        .unwrap()
+    }
+
+    async fn next_seq(cursor: &mut Cursor) -> u64 {
+        loop {
+            match cursor.next().await.unwrap() {
+                Some(Delivery::Event(RoomEvent::Message(m))) => return m.seq,
+                Some(_) => continue,
+                None => panic!("cursor ended"),
+            }
+        }
+    }
+
+    #[test]
+    fn seqs_count_up_without_holes_and_retries_are_deduplicated() {
+        let hub = hub(16);
+        hub.open_room("r", "alice").unwrap();
+        assert_eq!(say(&hub, "r", "a").seq, 1);
+        assert_eq!(say(&hub, "r", "b").seq, 2);
+        let retry = say(&hub, "r", "a");
+        assert_eq!(
+            retry,
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
+        assert_eq!(say(&hub, "r", "c").seq, 3);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_cursor_reads_what_it_missed_from_the_store() {
+        let hub = hub(4);
+        let room = hub.open_room("r", "alice").unwrap();
+        let mut cursor = room.tail(hub.store().clone(), Some(0));
+        for i in 0..50 {
+            say(&hub, "r", &i.to_string());
+        }
+        for expected in 1..=50 {
+            assert_eq!(next_seq(&mut cursor).await, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn join_replays_recent_history_then_goes_live() {
+        let hub = hub(16);
+        let room = hub.open_room("r", "alice").unwrap();
+        for i in 0..10 {
+            say(&hub, "r", &i.to_string());
+        }
+        let (joined, mut cursor, _presence) = room.join(hub.store().clone(), "bob", None, 3);
+        assert_eq!(joined.replay_from_seq, 8);
+        assert_eq!(joined.members, vec!["bob".to_string()]);
+        say(&hub, "r", "live");
+        for expected in 8..=11 {
+            assert_eq!(next_seq(&mut cursor).await, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_presence_leaves_the_room() {
+        let hub = hub(16);
+        let room = hub.open_room("r", "alice").unwrap();
+        let mut watcher = room.tail(hub.store().clone(), None);
+        let (_, _, first) = room.join(hub.store().clone(), "bob", None, 0);
+        let (_, _, second) = room.join(hub.store().clone(), "bob", None, 0);
+        drop(first);
+        assert_eq!(room.info().member_count, 1);
+        drop(second);
+        assert_eq!(room.info().member_count, 0);
+        let mut kinds = Vec::new();
+        while kinds.len() < 2 {
+            if let Some(Delivery::Event(RoomEvent::Presence(p))) = watcher.next().await.unwrap() {
+                kinds.push(p.kind());
+            }
+        }
+        assert_eq!(kinds, vec![PresenceKind::Joined, PresenceKind::Left]);
+    }
+
+    #[test]
+    fn pages_are_sorted_and_say_whether_more_follow() {
+        let names: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            page(names.iter(), None, 2),
+            (vec!["a".into(), "b".into()], true)
+        );
+        assert_eq!(
+            page(names.iter(), Some("b"), 2),
+            (vec!["c".into(), "d".into()], false)
+        );
+        assert_eq!(page(names.iter(), Some("d"), 2), (vec![], false));
+    }
+}

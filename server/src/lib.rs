@@ -1,0 +1,39 @@
+//! The Confab chat server.
+//!
+//! How a message travels, and where each part lives:
+//!
+//! ```text
+//! accept ─► auth (interceptor) ─► service ─► session task per Chat stream
+//!                                              │ commands ─► hub ─► room { seq, ring }
+//!                                              │                       │ append ─► store
+//!                                              ◄─ outbound ◄─ cursor per joined room
+//! ```
+//!
+//! * [`server::run`] wires everything on a listener and drains on shutdown.
+//! * [`auth`]: tokens, nickname claims and the interceptor.
+//! * [`service`]: the `chat.v1.ChatService` handlers.
+//! * [`session`]: the task behind one `Chat` stream.
+//! * [`hub`]: rooms, seqs, members, the fan-out ring.
+//! * [`cursor`]: one reader in one room: replay, live, catch-up; no gaps, no duplicates.
+//! * [`outbound`]: the sending half of a server stream, and how a stream ends.
+//! * [`store`]: the storage engine behind the hub.
+//! * [`validate`], [`pagination`], [`error`]: checks of client input and how failures
+//!   become gRPC statuses.
+//!
+//! `main.rs` only parses flags, sets up logging, binds and calls [`server::run`].
+
+pub mod auth;
+pub mod config;
+pub mod cursor;
+pub mod error;
+pub mod hub;
+pub mod outbound;
+pub mod pagination;
+pub mod server;
+pub mod service;
+pub mod session;
+pub mod store;
+pub mod validate;
+
+pub use config::{Config, LogFormat};
+pub use server::{ServerError, run};

@@ -1,0 +1,133 @@
+//! [`run`]: the whole server on a listener until a shutdown future resolves.
+//!
+//! The shutdown signal is a plain future, as in mini-redis: `main` passes SIGINT/SIGTERM,
+//! tests pass a oneshot. Draining goes:
+//!
+//! 1. health turns NOT_SERVING and the listener stops accepting;
+//! 2. every `Chat` and `Subscribe` stream is told to reconnect and ends with UNAVAILABLE;
+//! 3. connections close as their streams finish; after `shutdown_grace` whatever is left
+//!    is dropped, so the process exits within a few seconds with clients still connected.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use confab::pb::chat_service_server::ChatServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{service::interceptor::InterceptedService, transport::Server};
+
+use crate::{
+    auth::{Authenticator, Nicknames, Tokens},
+    config::Config,
+    hub::{Hub, HubConfig},
+    service::ChatServer,
+    store::{MemoryStore, StoreError},
+};
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened or loaded.
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    /// The reflection service could not read the descriptors.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves Confab on `listener` until `shutdown` resolves, then drains and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let store = Arc::new(MemoryStore::new(config.dedupe_window));
+    let hub = Arc::new(Hub::new(
+        store,
+        HubConfig {
+            ring_capacity: config.ring_capacity,
+            history_on_join: config.history_on_join,
+        },
+    )?);
+    let tokens = Arc::new(Tokens::ephemeral(config.token_ttl));
+    let nicknames = Arc::new(Nicknames::new(config.nickname_lease));
+    let drain = CancellationToken::new();
+
+    let chat = ChatServer::new(
+        hub,
+        tokens.clone(),
+        nicknames.clone(),
+        drain.clone(),
+        config.max_text_bytes,
+    );
+    let chat = ChatServiceServer::new(chat)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes.max(1 << 20));
+    let chat = InterceptedService::new(chat, Authenticator::new(tokens, nicknames.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ChatServiceServer<ChatServer>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(confab::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(confab::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    // Nickname claims that lapsed are forgotten now and then, so the registry stays small.
+    let pruner = {
+        let nicknames = nicknames.clone();
+        let period = config.nickname_lease.max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                nicknames.prune();
+            }
+        })
+    };
+
+    let signal = {
+        let drain = drain.clone();
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining streams");
+            health
+                .set_not_serving::<ChatServiceServer<ChatServer>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            drain.cancel();
+        }
+    };
+
+    let local = listener.local_addr().ok();
+    let serve = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(chat)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+
+    let grace = config.shutdown_grace;
+    let result = tokio::select! {
+        result = serve => result.map_err(ServerError::from),
+        () = async { drain.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "connections still open after the grace period; closing them");
+            Ok(())
+        }
+    };
+    pruner.abort();
+    tracing::info!(addr = ?local, "server stopped");
+    result
+}

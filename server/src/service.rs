@@ -1,0 +1,416 @@
+//! [`ChatServer`]: the `chat.v1.ChatService` implementation.
+//!
+//! Handlers check their input, ask the hub, and shape the answer; the rules live in the
+//! hub, the cursor and `validate`. Streaming handlers return their response stream at once
+//! and leave the work to a task (a handler that awaited the client first would leave the
+//! client waiting for response headers).
+
+use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+
+use confab::pb::{self, chat_service_server::ChatService, subscribe_response};
+use futures::{Stream, StreamExt as _};
+use tokio_stream::{StreamMap, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    auth::{Nicknames, Tokens, caller},
+    cursor::{Cursor, Delivery},
+    error::{ChatError, Violation},
+    hub::{Hub, RoomEvent},
+    outbound::{End, Outbound, reconnect_notice},
+    pagination,
+    session::Session,
+    validate,
+};
+
+/// Most rooms one `Subscribe` call may tail.
+pub const MAX_SUBSCRIBED_ROOMS: usize = 64;
+
+/// The service state shared by every call.
+#[derive(Clone)]
+pub struct ChatServer {
+    /// The rooms.
+    hub: Arc<Hub>,
+    /// Signs and checks session tokens.
+    tokens: Arc<Tokens>,
+    /// Who holds which nickname.
+    nicknames: Arc<Nicknames>,
+    /// Cancelled when the server starts draining.
+    shutdown: CancellationToken,
+    /// The longest message text, in bytes.
+    max_text_bytes: usize,
+}
+
+impl ChatServer {
+    /// A service over `hub`.
+    pub fn new(
+        hub: Arc<Hub>,
+        tokens: Arc<Tokens>,
+        nicknames: Arc<Nicknames>,
+        shutdown: CancellationToken,
+        max_text_bytes: usize,
+    ) -> Self {
+        Self {
+            hub,
+            tokens,
+            nicknames,
+            shutdown,
+            max_text_bytes,
+        }
+    }
+
+    /// Checks a room name and returns the room (NOT_FOUND if absent).
+    fn existing_room(&self, field: &str, name: &str) -> Result<Arc<crate::hub::Room>, ChatError> {
+        validate::room_name(field, name)?;
+        self.hub.room(field, name)
+    }
+
+    /// Checks and appends one message from `sender`.
+    fn publish(
+        &self,
+        sender: &str,
+        message: Option<pb::OutgoingMessage>,
+    ) -> Result<(String, crate::hub::Published), ChatError> {
+        let message =
+            message.ok_or_else(|| ChatError::invalid("message", "a message is required"))?;
+        let message = validate::outgoing(message, self.max_text_bytes)
+            .map_err(|v| ChatError::InvalidArgument(v.within("message")))?;
+        let room = message.room.clone();
+        let published = self.hub.publish("message.room", sender, message)?;
+        Ok((room, published))
+    }
+}
+
+impl From<Violation> for ChatError {
+    fn from(violation: Violation) -> Self {
+        ChatError::InvalidArgument(violation)
+    }
+}
+
+type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
+type ChatStream = ReceiverStream<Result<pb::ChatResponse, Status>>;
+
+#[tonic::async_trait]
+impl ChatService for ChatServer {
+    async fn login(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let request = request.into_inner();
+        validate::nickname("nickname", &request.nickname).map_err(ChatError::from)?;
+        // An unusable resume token (expired, from an earlier server) is no error: the
+        // login simply does not reclaim anything.
+        let resume = (!request.resume_token.is_empty())
+            .then(|| self.tokens.verify(&request.resume_token).ok())
+            .flatten();
+        let identity = self.nicknames.claim(&request.nickname, resume.as_ref())?;
+        let (token, expires) = self.tokens.issue(&identity);
+        tracing::info!(nickname = %identity.nickname, resumed = resume.is_some(), "login");
+        Ok(Response::new(pb::LoginResponse {
+            token,
+            nickname: identity.nickname,
+            expires_at: Some(expires.into()),
+        }))
+    }
+
+    async fn list_rooms(
+        &self,
+        request: Request<pb::ListRoomsRequest>,
+    ) -> Result<Response<pb::ListRoomsResponse>, Status> {
+        caller(&request)?;
+        let request = request.into_inner();
+        let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
+        let after =
+            pagination::decode(&request.page_token, "rooms", "").map_err(ChatError::from)?;
+        let (rooms, more) = self.hub.rooms_page(after.as_deref(), size);
+        let next_page_token = match rooms.last() {
+            Some(last) if more => pagination::encode("rooms", "", last.name()),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListRoomsResponse {
+            rooms: rooms.iter().map(|room| room.info()).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_room(
+        &self,
+        request: Request<pb::GetRoomRequest>,
+    ) -> Result<Response<pb::GetRoomResponse>, Status> {
+        caller(&request)?;
+        let room = self.existing_room("room", &request.get_ref().room)?;
+        Ok(Response::new(pb::GetRoomResponse {
+            room: Some(room.info()),
+        }))
+    }
+
+    async fn create_room(
+        &self,
+        request: Request<pb::CreateRoomRequest>,
+    ) -> Result<Response<pb::CreateRoomResponse>, Status> {
+        let user = caller(&request)?;
+        let request = request.into_inner();
+        validate::room_name("room", &request.room).map_err(ChatError::from)?;
+        validate::topic("topic", &request.topic).map_err(ChatError::from)?;
+        let room = self
+            .hub
+            .create_room(&request.room, &request.topic, &user.nickname)?;
+        Ok(Response::new(pb::CreateRoomResponse {
+            room: Some(room.info()),
+        }))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<pb::ListMembersRequest>,
+    ) -> Result<Response<pb::ListMembersResponse>, Status> {
+        caller(&request)?;
+        let request = request.into_inner();
+        let room = self.existing_room("room", &request.room)?;
+        let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
+        let after = pagination::decode(&request.page_token, "members", room.name())
+            .map_err(ChatError::from)?;
+        let (members, more) = room.members_page(after.as_deref(), size);
+        let next_page_token = match members.last() {
+            Some(last) if more => pagination::encode("members", room.name(), last),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListMembersResponse {
+            members,
+            next_page_token,
+        }))
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        caller(&request)?;
+        let request = request.into_inner();
+        let room = self.existing_room("room", &request.room)?;
+        let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
+        let (direction, start) =
+            match pagination::decode(&request.page_token, "history", room.name())
+                .map_err(ChatError::from)?
+            {
+                Some(position) => parse_history_position(&position)?,
+                None => {
+                    let direction =
+                        pb::HistoryDirection::try_from(request.direction).map_err(|_| {
+                            ChatError::invalid(
+                                "direction",
+                                format!("{} is not a HistoryDirection", request.direction),
+                            )
+                        })?;
+                    (direction, request.start_seq)
+                }
+            };
+        let store = self.hub.store();
+        let head = room.head_seq();
+        let (messages, next) = match direction {
+            pb::HistoryDirection::Forward => {
+                let after = start.unwrap_or(0);
+                let messages = store
+                    .read_after(room.name(), after, size)
+                    .map_err(ChatError::from)?;
+                let next = messages.last().map(|m| m.seq).filter(|&last| last < head);
+                (messages, next.map(|seq| format!("f:{seq}")))
+            }
+            pb::HistoryDirection::Backward | pb::HistoryDirection::Unspecified => {
+                let before = start.unwrap_or(head.saturating_add(1));
+                let messages = store
+                    .read_before(room.name(), before, size)
+                    .map_err(ChatError::from)?;
+                let next = messages.first().map(|m| m.seq).filter(|&first| first > 1);
+                (messages, next.map(|seq| format!("b:{seq}")))
+            }
+        };
+        Ok(Response::new(pb::GetHistoryResponse {
+            messages,
+            next_page_token: next
+                .map(|position| pagination::encode("history", room.name(), &position))
+                .unwrap_or_default(),
+            gap: None,
+        }))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let user = caller(&request)?;
+        let (_, published) = self.publish(&user.nickname, request.into_inner().message)?;
+        Ok(Response::new(pb::PublishResponse {
+            seq: published.seq,
+            duplicate: published.duplicate,
+        }))
+    }
+
+    async fn publish_batch(
+        &self,
+        request: Request<Streaming<pb::PublishBatchRequest>>,
+    ) -> Result<Response<pb::PublishBatchResponse>, Status> {
+        let user = caller(&request)?;
+        let mut inbound = request.into_inner();
+        let mut summary = pb::PublishBatchResponse::default();
+        let mut ranges: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut index: u32 = 0;
+        loop {
+            let item = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Err(ChatError::ShuttingDown.into()),
+                item = inbound.message() => item?,
+            };
+            let Some(item) = item else { break };
+            let client_msg_id = item
+                .message
+                .as_ref()
+                .map(|m| m.client_msg_id.clone())
+                .unwrap_or_default();
+            match self.publish(&user.nickname, item.message) {
+                Ok((room, published)) => {
+                    summary.accepted += 1;
+                    let range = ranges.entry(room).or_insert((published.seq, published.seq));
+                    range.0 = range.0.min(published.seq);
+                    range.1 = range.1.max(published.seq);
+                }
+                Err(ChatError::Store(error)) => return Err(ChatError::Store(error).into()),
+                Err(error) => summary.rejected.push(pb::PublishRejection {
+                    index,
+                    client_msg_id,
+                    error: Some(error.to_command_error()),
+                }),
+            }
+            index = index.saturating_add(1);
+        }
+        summary.seq_ranges = ranges
+            .into_iter()
+            .map(|(room, (first_seq, last_seq))| pb::RoomSeqRange {
+                room,
+                first_seq,
+                last_seq,
+            })
+            .collect();
+        tracing::info!(
+            user = %user.nickname,
+            accepted = summary.accepted,
+            rejected = summary.rejected.len(),
+            "batch published"
+        );
+        Ok(Response::new(summary))
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        caller(&request)?;
+        let request = request.into_inner();
+        if request.rooms.is_empty() {
+            return Err(ChatError::invalid("rooms", "name at least one room").into());
+        }
+        if request.rooms.len() > MAX_SUBSCRIBED_ROOMS {
+            return Err(ChatError::invalid(
+                "rooms",
+                format!("at most {MAX_SUBSCRIBED_ROOMS} rooms per subscription"),
+            )
+            .into());
+        }
+        let mut cursors = StreamMap::new();
+        for (i, position) in request.rooms.iter().enumerate() {
+            let field = format!("rooms[{i}].room");
+            let room = self.existing_room(&field, &position.room)?;
+            if cursors.contains_key(&position.room) {
+                return Err(ChatError::invalid(field, "this room is named twice").into());
+            }
+            let cursor: Cursor = room.tail(self.hub.store().clone(), position.after_seq);
+            cursors.insert(
+                position.room.clone(),
+                Box::pin(cursor.into_stream()) as DeliveryStream,
+            );
+        }
+        let (out, stream) = Outbound::channel(self.shutdown.clone());
+        tokio::spawn(tail(cursors, out));
+        Ok(Response::new(stream))
+    }
+
+    type ChatStream = ChatStream;
+
+    async fn chat(
+        &self,
+        request: Request<Streaming<pb::ChatRequest>>,
+    ) -> Result<Response<Self::ChatStream>, Status> {
+        let user = caller(&request)?;
+        if self.shutdown.is_cancelled() {
+            return Err(ChatError::ShuttingDown.into());
+        }
+        let claim = self.nicknames.open_stream(&user);
+        let session = Session::new(self.hub.clone(), user, claim, self.max_text_bytes);
+        let (out, stream) = Outbound::channel(self.shutdown.clone());
+        tokio::spawn(session.run(request.into_inner(), out));
+        Ok(Response::new(stream))
+    }
+}
+
+/// A history page token's position: `b:<seq>` (backward, before seq) or `f:<seq>`.
+fn parse_history_position(
+    position: &str,
+) -> Result<(pb::HistoryDirection, Option<u64>), ChatError> {
+    let invalid = || ChatError::invalid("page_token", "not a page token from GetHistory");
+    let (direction, seq) = position.split_once(':').ok_or_else(invalid)?;
+    let seq: u64 = seq.parse().map_err(|_| invalid())?;
+    match direction {
+        "b" => Ok((pb::HistoryDirection::Backward, Some(seq))),
+        "f" => Ok((pb::HistoryDirection::Forward, Some(seq))),
+        _ => Err(invalid()),
+    }
+}
+
+type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery, ChatError>> + Send>>;
+
+/// The task behind a `Subscribe` call: messages and gaps of every tailed room, in seq
+/// order per room, pulled only as fast as the client reads them.
+async fn tail(
+    mut cursors: StreamMap<String, DeliveryStream>,
+    out: Outbound<pb::SubscribeResponse>,
+) {
+    use subscribe_response::Event;
+    let end = loop {
+        let step = tokio::select! {
+            biased;
+            _ = out.shutdown() => Err(End::Shutdown),
+            _ = out.closed() => Err(End::ClientGone),
+            next = cursors.next() => match next {
+                Some((room, Ok(delivery))) => {
+                    let event = match delivery {
+                        Delivery::Event(RoomEvent::Message(message)) => Some(Event::Message(message)),
+                        Delivery::Gap { from, to } => Some(Event::Gap(pb::HistoryGap {
+                            room,
+                            from_seq: from,
+                            to_seq: to,
+                        })),
+                        // A subscription is a read-only tail of messages.
+                        Delivery::Event(RoomEvent::Presence(_) | RoomEvent::Typing(_)) => None,
+                    };
+                    match event {
+                        Some(event) => out.send(pb::SubscribeResponse { event: Some(event) }).await,
+                        None => Ok(()),
+                    }
+                }
+                Some((_, Err(error))) => Err(End::Failed(error.into())),
+                None => Err(End::ClientDone),
+            },
+        };
+        if let Err(end) = step {
+            break end;
+        }
+    };
+    drop(cursors);
+    out.finish(end, || pb::SubscribeResponse {
+        event: Some(Event::Reconnect(reconnect_notice())),
+    })
+    .await;
+}

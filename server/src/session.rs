@@ -1,0 +1,248 @@
+//! [`Session`]: the task behind one `Chat` stream.
+//!
+//! One loop `select!`s over everything that can happen to the stream:
+//!
+//! * the server drains → tell the client to reconnect, end with UNAVAILABLE;
+//! * the client goes away (response stream dropped) → stop at once;
+//! * a frame arrives → [`Session::apply`] it; a bad command gets an error event carrying
+//!   its `request_id` and the stream goes on;
+//! * a joined room has an event → send it, waiting while the client is not reading.
+//!
+//! Events are pulled from the room cursors only when the loop is ready to send, so a slow
+//! client slows nobody but itself. When the loop ends, the session is dropped, and with it
+//! every cursor and [`Presence`]: the user leaves each room and the others see it at once.
+
+use std::{collections::HashMap, pin::Pin, sync::Arc};
+
+use confab::pb::{self, ChatRequest, ChatResponse, chat_request::Command, chat_response::Event};
+use futures::{Stream, StreamExt as _};
+use tokio_stream::StreamMap;
+use tonic::Streaming;
+
+use crate::{
+    auth::{Identity, StreamClaim},
+    cursor::Delivery,
+    error::ChatError,
+    hub::{Hub, Presence, RoomEvent},
+    outbound::{End, Outbound, reconnect_notice},
+    validate,
+};
+
+/// A room's deliveries as a stream, keyed by room in the session's `StreamMap`.
+type RoomStream = Pin<Box<dyn Stream<Item = Result<Delivery, ChatError>> + Send>>;
+
+/// The state of one `Chat` stream.
+pub struct Session {
+    /// The rooms and the store.
+    hub: Arc<Hub>,
+    /// Who is chatting.
+    user: Identity,
+    /// Rooms joined on this stream; dropping an entry leaves the room.
+    rooms: HashMap<String, Presence>,
+    /// The longest text a message may have.
+    max_text_bytes: usize,
+    /// Keeps the nickname claimed while the stream is open.
+    _claim: StreamClaim,
+}
+
+impl Session {
+    /// A session for `user`.
+    pub fn new(hub: Arc<Hub>, user: Identity, claim: StreamClaim, max_text_bytes: usize) -> Self {
+        Self {
+            hub,
+            user,
+            rooms: HashMap::new(),
+            max_text_bytes,
+            _claim: claim,
+        }
+    }
+
+    /// Runs the session until the client leaves, the connection drops or the server drains.
+    pub async fn run(mut self, mut inbound: Streaming<ChatRequest>, out: Outbound<ChatResponse>) {
+        let mut cursors: StreamMap<String, RoomStream> = StreamMap::new();
+        let end = loop {
+            let step = tokio::select! {
+                biased;
+                _ = out.shutdown() => Err(End::Shutdown),
+                _ = out.closed() => Err(End::ClientGone),
+                frame = inbound.message() => match frame {
+                    Ok(Some(frame)) => self.apply(frame, &out, &mut cursors).await,
+                    Ok(None) => Err(End::ClientDone),
+                    Err(status) => Err(inbound_failure(status)),
+                },
+                Some((room, delivery)) = cursors.next(), if !cursors.is_empty() => {
+                    match delivery {
+                        Ok(delivery) => out.send(push(chat_event(&room, delivery))).await,
+                        Err(error) => Err(End::Failed(error.into())),
+                    }
+                }
+            };
+            if let Err(end) = step {
+                break end;
+            }
+        };
+        tracing::debug!(user = %self.user.nickname, ?end, "chat stream ended");
+        // Leave every room before the final words, so presence is prompt even when the
+        // client is too stalled to take them.
+        drop(cursors);
+        self.rooms.clear();
+        out.finish(end, || push(Event::Reconnect(reconnect_notice())))
+            .await;
+    }
+
+    /// Applies one client frame and sends its reply.
+    async fn apply(
+        &mut self,
+        frame: ChatRequest,
+        out: &Outbound<ChatResponse>,
+        cursors: &mut StreamMap<String, RoomStream>,
+    ) -> Result<(), End> {
+        let request_id = frame.request_id;
+        let reply = match frame.command {
+            None => Err(ChatError::invalid(
+                "command",
+                "the frame has no command: set one of join, leave, send, typing, ping",
+            )),
+            Some(Command::Join(join)) => match self.join(join) {
+                Ok((joined, room, stream)) => {
+                    // The reply goes out before the room's first event, so a client always
+                    // sees `joined` before the history that follows it.
+                    out.send(reply_to(request_id, Event::Joined(joined)))
+                        .await?;
+                    cursors.insert(room, stream);
+                    return Ok(());
+                }
+                Err(error) => Err(error.within("join")),
+            },
+            Some(Command::Leave(leave)) => self
+                .leave(&leave.room, cursors)
+                .map(|room| Some(Event::Left(pb::Left { room })))
+                .map_err(|e| e.within("leave")),
+            Some(Command::Send(message)) => self
+                .send(message)
+                .map(|ack| Some(Event::Ack(ack)))
+                .map_err(|e| e.within("send")),
+            Some(Command::Typing(typing)) => self
+                .typing(typing)
+                .map(|()| None)
+                .map_err(|e| e.within("typing")),
+            Some(Command::Ping(ping)) => Ok(Some(Event::Pong(pb::Pong {
+                client_time_micros: ping.client_time_micros,
+                server_time: Some(std::time::SystemTime::now().into()),
+            }))),
+        };
+        match reply {
+            Ok(Some(event)) => out.send(reply_to(request_id, event)).await,
+            Ok(None) => Ok(()),
+            Err(error) => {
+                tracing::debug!(user = %self.user.nickname, request_id, %error, "command refused");
+                out.send(reply_to(request_id, Event::Error(error.to_command_error())))
+                    .await
+            }
+        }
+    }
+
+    fn join(&mut self, join: pb::JoinRoom) -> Result<(pb::Joined, String, RoomStream), ChatError> {
+        validate::room_name("room", &join.room)?;
+        if self.rooms.contains_key(&join.room) {
+            return Err(ChatError::precondition(
+                "room",
+                format!("room {:?} is already joined on this stream", join.room),
+            ));
+        }
+        let room = self.hub.open_room(&join.room, &self.user.nickname)?;
+        let (joined, cursor, presence) = room.join(
+            self.hub.store().clone(),
+            &self.user.nickname,
+            join.after_seq,
+            self.hub.config().history_on_join,
+        );
+        self.rooms.insert(join.room.clone(), presence);
+        Ok((joined, join.room, Box::pin(cursor.into_stream())))
+    }
+
+    fn leave(
+        &mut self,
+        room: &str,
+        cursors: &mut StreamMap<String, RoomStream>,
+    ) -> Result<String, ChatError> {
+        self.joined("room", room)?;
+        cursors.remove(room);
+        self.rooms.remove(room);
+        Ok(room.to_owned())
+    }
+
+    fn send(&mut self, message: pb::OutgoingMessage) -> Result<pb::Ack, ChatError> {
+        let message =
+            validate::outgoing(message, self.max_text_bytes).map_err(ChatError::InvalidArgument)?;
+        self.joined("room", &message.room)?;
+        let room = message.room.clone();
+        let client_msg_id = message.client_msg_id.clone();
+        let published = self.hub.publish("room", &self.user.nickname, message)?;
+        Ok(pb::Ack {
+            room,
+            client_msg_id,
+            seq: published.seq,
+            duplicate: published.duplicate,
+        })
+    }
+
+    fn typing(&mut self, typing: pb::SetTyping) -> Result<(), ChatError> {
+        self.joined("room", &typing.room)?;
+        self.hub
+            .room("room", &typing.room)?
+            .typing(&self.user.nickname, typing.typing);
+        Ok(())
+    }
+
+    /// Checks that `room` is joined on this stream: INVALID_ARGUMENT for a bad name,
+    /// NOT_FOUND for no such room, FAILED_PRECONDITION for a room not joined.
+    fn joined(&self, field: &str, room: &str) -> Result<(), ChatError> {
+        validate::room_name(field, room)?;
+        if self.rooms.contains_key(room) {
+            return Ok(());
+        }
+        self.hub.room(field, room)?;
+        Err(ChatError::precondition(
+            field,
+            format!("room {room:?} is not joined on this stream; join it first"),
+        ))
+    }
+}
+
+/// A decode failure or a frame over the size limit ends the stream with its status: the
+/// framing cannot be trusted after it.
+fn inbound_failure(status: tonic::Status) -> End {
+    if status.code() == tonic::Code::Cancelled {
+        End::ClientGone
+    } else {
+        End::Failed(status)
+    }
+}
+
+/// A room's delivery as a `Chat` event.
+fn chat_event(room: &str, delivery: Delivery) -> Event {
+    match delivery {
+        Delivery::Event(RoomEvent::Message(message)) => Event::Message(message),
+        Delivery::Event(RoomEvent::Presence(presence)) => Event::Presence((*presence).clone()),
+        Delivery::Event(RoomEvent::Typing(typing)) => Event::Typing((*typing).clone()),
+        Delivery::Gap { from, to } => Event::Gap(pb::HistoryGap {
+            room: room.to_owned(),
+            from_seq: from,
+            to_seq: to,
+        }),
+    }
+}
+
+/// An event pushed by a room (no request id).
+fn push(event: Event) -> ChatResponse {
+    reply_to(0, event)
+}
+
+/// A reply to the frame with `request_id`.
+fn reply_to(request_id: u64, event: Event) -> ChatResponse {
+    ChatResponse {
+        request_id,
+        event: Some(event),
+    }
+}

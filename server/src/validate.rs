@@ -1,0 +1,208 @@
+//! Checks of client-controlled fields. Each returns the [`Violation`] of the field it
+//! checks, named as in the proto; callers put it under the message it belongs to.
+
+use confab::pb::{self, MessageKind};
+
+use crate::error::Violation;
+
+/// Longest room name: `[a-z0-9][a-z0-9_-]{0,63}`.
+pub const MAX_ROOM_NAME: usize = 64;
+/// Longest nickname.
+pub const MAX_NICKNAME: usize = 32;
+/// Longest idempotency key.
+pub const MAX_CLIENT_MSG_ID: usize = 128;
+/// Longest topic.
+pub const MAX_TOPIC: usize = 512;
+
+/// A room name: `[a-z0-9][a-z0-9_-]{0,63}`.
+pub fn room_name(field: &str, name: &str) -> Result<(), Violation> {
+    let mut chars = name.chars();
+    let Some(first) = chars.next() else {
+        return Err(Violation::new(field, "a room name is required"));
+    };
+    let valid_rest = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+    if name.len() > MAX_ROOM_NAME
+        || !(first.is_ascii_lowercase() || first.is_ascii_digit())
+        || !chars.all(valid_rest)
+    {
+        return Err(Violation::new(
+            field,
+            format!(
+                "{name:?} is not a room name: use 1 to {MAX_ROOM_NAME} of a-z 0-9 _ -, starting with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A nickname: 1 to 32 of `[A-Za-z0-9_.-]`, starting with a letter or digit.
+pub fn nickname(field: &str, nick: &str) -> Result<(), Violation> {
+    let mut chars = nick.chars();
+    let Some(first) = chars.next() else {
+        return Err(Violation::new(field, "a nickname is required"));
+    };
+    let valid_rest = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if nick.len() > MAX_NICKNAME || !first.is_ascii_alphanumeric() || !chars.all(valid_rest) {
+        return Err(Violation::new(
+            field,
+            format!(
+                "{nick:?} is not a nickname: use 1 to {MAX_NICKNAME} of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Message text: non-empty, not only white space, at most `max_bytes` bytes of UTF-8.
+pub fn text(field: &str, text: &str, max_bytes: usize) -> Result<(), Violation> {
+    if text.trim().is_empty() {
+        return Err(Violation::new(field, "the text is empty"));
+    }
+    if text.len() > max_bytes {
+        return Err(Violation::new(
+            field,
+            format!("the text is {} bytes; the limit is {max_bytes}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// A topic: at most [`MAX_TOPIC`] bytes, one line.
+pub fn topic(field: &str, topic: &str) -> Result<(), Violation> {
+    if topic.len() > MAX_TOPIC {
+        return Err(Violation::new(
+            field,
+            format!(
+                "the topic is {} bytes; the limit is {MAX_TOPIC}",
+                topic.len()
+            ),
+        ));
+    }
+    if topic.contains(['\n', '\r']) {
+        return Err(Violation::new(field, "the topic must be one line"));
+    }
+    Ok(())
+}
+
+/// An idempotency key: 1 to 128 bytes.
+pub fn client_msg_id(field: &str, id: &str) -> Result<(), Violation> {
+    if id.is_empty() {
+        return Err(Violation::new(
+            field,
+            "a client_msg_id is required (any unique string; retries reuse it)",
+        ));
+    }
+    if id.len() > MAX_CLIENT_MSG_ID {
+        return Err(Violation::new(
+            field,
+            format!(
+                "the id is {} bytes; the limit is {MAX_CLIENT_MSG_ID}",
+                id.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A message kind: a known value; UNSPECIFIED reads as TEXT.
+pub fn message_kind(field: &str, kind: i32) -> Result<MessageKind, Violation> {
+    match MessageKind::try_from(kind) {
+        Ok(MessageKind::Unspecified) => Ok(MessageKind::Text),
+        Ok(kind) => Ok(kind),
+        Err(_) => Err(Violation::new(
+            field,
+            format!("{kind} is not a MessageKind"),
+        )),
+    }
+}
+
+/// A message a client wants stored, once its fields have been checked.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The room it goes to.
+    pub room: String,
+    /// The text.
+    pub text: String,
+    /// The sender's idempotency key.
+    pub client_msg_id: String,
+    /// Text or action.
+    pub kind: MessageKind,
+}
+
+/// Checks every field of an `OutgoingMessage`; violations are named relative to it.
+pub fn outgoing(
+    message: pb::OutgoingMessage,
+    max_text_bytes: usize,
+) -> Result<Outgoing, Violation> {
+    room_name("room", &message.room)?;
+    text("text", &message.text, max_text_bytes)?;
+    client_msg_id("client_msg_id", &message.client_msg_id)?;
+    let kind = message_kind("kind", message.kind)?;
+    Ok(Outgoing {
+        room: message.room,
+        text: message.text,
+        client_msg_id: message.client_msg_id,
+        kind,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_names_follow_the_pattern() {
+        for ok in ["a", "lobby", "0day", "rust-lang", "a_b", &"x".repeat(64)] {
+            assert!(room_name("room", ok).is_ok(), "{ok:?} should be valid");
+        }
+        for bad in ["", "Lobby", "-x", "_x", "a b", "a.b", "é", &"x".repeat(65)] {
+            let v = room_name("room", bad).unwrap_err();
+            assert_eq!(v.field, "room", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn nicknames_follow_the_pattern() {
+        for ok in ["alice", "Bob", "a.b-c_d", "7"] {
+            assert!(nickname("nickname", ok).is_ok(), "{ok:?} should be valid");
+        }
+        for bad in ["", ".a", "a b", "al/ice", &"n".repeat(33)] {
+            assert!(
+                nickname("nickname", bad).is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn text_limits_count_bytes_not_chars() {
+        assert!(text("text", "hi", 4).is_ok());
+        assert!(text("text", "   ", 4).is_err());
+        // Two 2-byte characters: 4 bytes fits, a third does not.
+        assert!(text("text", "éé", 4).is_ok());
+        let v = text("text", "ééé", 4).unwrap_err();
+        assert!(v.description.contains("6 bytes"), "{}", v.description);
+    }
+
+    #[test]
+    fn violations_nest_under_their_message() {
+        let v = outgoing(
+            pb::OutgoingMessage {
+                room: "lobby".into(),
+                text: "hi".into(),
+                client_msg_id: String::new(),
+                kind: 0,
+            },
+            100,
+        )
+        .unwrap_err()
+        .within("send");
+        assert_eq!(v.field, "send.client_msg_id");
+    }
+
+    #[test]
+    fn unknown_message_kinds_are_refused() {
+        assert_eq!(message_kind("kind", 0).unwrap(), MessageKind::Text);
+        assert!(message_kind("kind", 99).is_err());
+    }
+}

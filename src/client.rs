@@ -1,0 +1,266 @@
+//! The typed client: the only gRPC client code in Confab.
+//!
+//! [`Client`] holds one HTTP/2 channel and the caller's credentials; every call it makes
+//! carries `authorization: Bearer <token>` once [`Client::login`] succeeded. Unary calls go
+//! through [`Client::rpc`]; the interactive session is [`ChatStream`], opened by
+//! [`Client::chat`], which numbers frames and makes idempotency keys so that callers only
+//! say what they want.
+
+use std::time::Duration;
+
+use rand::Rng as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    Request, Status,
+    metadata::{AsciiMetadataValue, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+use crate::pb::{
+    self, ChatRequest, ChatResponse, JoinRoom, LeaveRoom, OutgoingMessage, SetTyping,
+    chat_request::Command, chat_service_client::ChatServiceClient,
+};
+
+/// The generated stub with Confab's credentials attached to every call.
+pub type Rpc = ChatServiceClient<InterceptedService<Channel, Credentials>>;
+
+/// How many frames a [`ChatStream`] queues before `send` waits for the network.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// What can go wrong in the client library.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server address is not a valid URI.
+    #[error("invalid server address {address:?}: {source}")]
+    InvalidAddress {
+        /// The address as given.
+        address: String,
+        /// Why it was refused.
+        source: tonic::transport::Error,
+    },
+    /// The connection could not be made or was lost.
+    #[error("cannot reach the server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The server answered with an error status.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] Status),
+    /// The token the server issued cannot be sent as metadata.
+    #[error("the server returned a token that is not valid ASCII metadata")]
+    BadToken,
+    /// The chat stream ended (the server closed it or the connection dropped).
+    #[error("the chat stream is closed")]
+    StreamClosed,
+}
+
+/// Adds `authorization: Bearer <token>` to every call once a token is known.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// The full header value, `Bearer <token>`; `None` before login.
+    authorization: Option<AsciiMetadataValue>,
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A connection to a Confab server and the identity it speaks for.
+#[derive(Clone)]
+pub struct Client {
+    /// The HTTP/2 channel; cloned into every stub, multiplexing all calls on one connection.
+    channel: Channel,
+    /// The stub with the current credentials.
+    rpc: Rpc,
+    /// The session token from the last successful login.
+    token: Option<String>,
+    /// The nickname the token speaks for.
+    nickname: Option<String>,
+}
+
+impl Client {
+    /// Connects to `address` (`http://host:port`), without logging in.
+    pub async fn connect(address: &str) -> Result<Self, ClientError> {
+        let endpoint = Endpoint::from_shared(address.to_owned())
+            .map_err(|source| ClientError::InvalidAddress {
+                address: address.to_owned(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps an existing channel (for callers that build their own, e.g. with TLS).
+    pub fn from_channel(channel: Channel) -> Self {
+        let rpc = ChatServiceClient::with_interceptor(channel.clone(), Credentials::default());
+        Self {
+            channel,
+            rpc,
+            token: None,
+            nickname: None,
+        }
+    }
+
+    /// Claims `nickname`; later calls carry the returned token. A token from an earlier
+    /// login of the same nickname reclaims it even while the old session looks alive.
+    pub async fn login(&mut self, nickname: &str) -> Result<pb::LoginResponse, ClientError> {
+        let request = pb::LoginRequest {
+            nickname: nickname.to_owned(),
+            resume_token: self.token.clone().unwrap_or_default(),
+        };
+        let reply = self.rpc.clone().login(request).await?.into_inner();
+        self.set_token(&reply.token)?;
+        self.nickname = Some(reply.nickname.clone());
+        Ok(reply)
+    }
+
+    /// Uses `token` for later calls (one issued by [`Client::login`] earlier).
+    pub fn set_token(&mut self, token: &str) -> Result<(), ClientError> {
+        let value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| ClientError::BadToken)?;
+        self.rpc = ChatServiceClient::with_interceptor(
+            self.channel.clone(),
+            Credentials {
+                authorization: Some(value),
+            },
+        );
+        self.token = Some(token.to_owned());
+        Ok(())
+    }
+
+    /// The session token, once logged in.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// The nickname this client speaks for, once logged in.
+    pub fn nickname(&self) -> Option<&str> {
+        self.nickname.as_deref()
+    }
+
+    /// The generated stub, for unary and streaming calls as they are in the protocol.
+    pub fn rpc(&self) -> Rpc {
+        self.rpc.clone()
+    }
+
+    /// Opens the interactive `Chat` stream.
+    pub async fn chat(&self) -> Result<ChatStream, ClientError> {
+        let (frames, outbound) = mpsc::channel(OUTBOUND_QUEUE);
+        let events = self
+            .rpc
+            .clone()
+            .chat(ReceiverStream::new(outbound))
+            .await?
+            .into_inner();
+        Ok(ChatStream {
+            frames,
+            events,
+            next_request_id: 1,
+        })
+    }
+}
+
+/// Makes a fresh idempotency key for a message.
+pub fn new_client_msg_id() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+/// One open `Chat` stream: commands go up with fresh request ids, events come down.
+pub struct ChatStream {
+    /// Frames to the server; the stream ends when this is dropped.
+    frames: mpsc::Sender<ChatRequest>,
+    /// Events from the server.
+    events: tonic::Streaming<ChatResponse>,
+    /// The request id the next frame gets.
+    next_request_id: u64,
+}
+
+impl ChatStream {
+    /// Sends `command` and returns the request id its reply will carry.
+    pub async fn command(&mut self, command: Command) -> Result<u64, ClientError> {
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        self.send_frame(ChatRequest {
+            request_id,
+            command: Some(command),
+        })
+        .await?;
+        Ok(request_id)
+    }
+
+    /// Sends a frame as it is (for callers that manage request ids themselves).
+    pub async fn send_frame(&mut self, frame: ChatRequest) -> Result<(), ClientError> {
+        self.frames
+            .send(frame)
+            .await
+            .map_err(|_| ClientError::StreamClosed)
+    }
+
+    /// Joins `room`; with `after_seq`, resumes after that seq instead of recent history.
+    pub async fn join(&mut self, room: &str, after_seq: Option<u64>) -> Result<u64, ClientError> {
+        self.command(Command::Join(JoinRoom {
+            room: room.to_owned(),
+            after_seq,
+        }))
+        .await
+    }
+
+    /// Leaves `room`.
+    pub async fn leave(&mut self, room: &str) -> Result<u64, ClientError> {
+        self.command(Command::Leave(LeaveRoom {
+            room: room.to_owned(),
+        }))
+        .await
+    }
+
+    /// Sends a text message with a fresh idempotency key; returns the request id and key.
+    pub async fn say(&mut self, room: &str, text: &str) -> Result<(u64, String), ClientError> {
+        let client_msg_id = new_client_msg_id();
+        let request_id = self
+            .send(OutgoingMessage {
+                room: room.to_owned(),
+                text: text.to_owned(),
+                client_msg_id: client_msg_id.clone(),
+                kind: pb::MessageKind::Text as i32,
+            })
+            .await?;
+        Ok((request_id, client_msg_id))
+    }
+
+    /// Sends a message as given (its `client_msg_id` is the caller's).
+    pub async fn send(&mut self, message: OutgoingMessage) -> Result<u64, ClientError> {
+        self.command(Command::Send(message)).await
+    }
+
+    /// Tells `room` that this user is (or stopped) typing.
+    pub async fn typing(&mut self, room: &str, typing: bool) -> Result<u64, ClientError> {
+        self.command(Command::Typing(SetTyping {
+            room: room.to_owned(),
+            typing,
+        }))
+        .await
+    }
+
+    /// The next event; `Ok(None)` when the server ended the stream cleanly.
+    pub async fn next_event(&mut self) -> Result<Option<ChatResponse>, Status> {
+        self.events.message().await
+    }
+
+    /// Ends the sending side; the server finishes the session and ends its stream.
+    pub fn close(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        self.frames = closed;
+    }
+}
