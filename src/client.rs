@@ -6,7 +6,13 @@
 //! [`Client::chat`], which numbers frames and makes idempotency keys so that callers only
 //! say what they want.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use rand::Rng as _;
 use tokio::sync::mpsc;
@@ -165,9 +171,11 @@ impl Client {
             .await?
             .into_inner();
         Ok(ChatStream {
-            frames,
+            sender: ChatSender {
+                frames,
+                next_request_id: Arc::new(AtomicU64::new(1)),
+            },
             events,
-            next_request_id: 1,
         })
     }
 }
@@ -178,20 +186,48 @@ pub fn new_client_msg_id() -> String {
 }
 
 /// One open `Chat` stream: commands go up with fresh request ids, events come down.
+///
+/// [`ChatStream::split`] separates the two halves, so that one task can read while others
+/// send (a client that sends without reading would stall once the server's buffer for it
+/// is full: that is the backpressure working).
 pub struct ChatStream {
-    /// Frames to the server; the stream ends when this is dropped.
-    frames: mpsc::Sender<ChatRequest>,
+    /// The sending half.
+    sender: ChatSender,
     /// Events from the server.
     events: tonic::Streaming<ChatResponse>,
-    /// The request id the next frame gets.
-    next_request_id: u64,
 }
 
 impl ChatStream {
+    /// The sending half, to send commands.
+    pub fn sender(&self) -> &ChatSender {
+        &self.sender
+    }
+
+    /// The next event; `Ok(None)` when the server ended the stream cleanly.
+    pub async fn next_event(&mut self) -> Result<Option<ChatResponse>, Status> {
+        self.events.message().await
+    }
+
+    /// The sending half and the events, to use from different tasks.
+    pub fn split(self) -> (ChatSender, tonic::Streaming<ChatResponse>) {
+        (self.sender, self.events)
+    }
+}
+
+/// The sending half of a `Chat` stream. Clones share one request-id sequence; the stream's
+/// sending side ends when every clone is dropped.
+#[derive(Clone)]
+pub struct ChatSender {
+    /// Frames to the server.
+    frames: mpsc::Sender<ChatRequest>,
+    /// The request id the next frame gets.
+    next_request_id: Arc<AtomicU64>,
+}
+
+impl ChatSender {
     /// Sends `command` and returns the request id its reply will carry.
-    pub async fn command(&mut self, command: Command) -> Result<u64, ClientError> {
-        let request_id = self.next_request_id;
-        self.next_request_id += 1;
+    pub async fn command(&self, command: Command) -> Result<u64, ClientError> {
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         self.send_frame(ChatRequest {
             request_id,
             command: Some(command),
@@ -201,7 +237,7 @@ impl ChatStream {
     }
 
     /// Sends a frame as it is (for callers that manage request ids themselves).
-    pub async fn send_frame(&mut self, frame: ChatRequest) -> Result<(), ClientError> {
+    pub async fn send_frame(&self, frame: ChatRequest) -> Result<(), ClientError> {
         self.frames
             .send(frame)
             .await
@@ -209,7 +245,7 @@ impl ChatStream {
     }
 
     /// Joins `room`; with `after_seq`, resumes after that seq instead of recent history.
-    pub async fn join(&mut self, room: &str, after_seq: Option<u64>) -> Result<u64, ClientError> {
+    pub async fn join(&self, room: &str, after_seq: Option<u64>) -> Result<u64, ClientError> {
         self.command(Command::Join(JoinRoom {
             room: room.to_owned(),
             after_seq,
@@ -218,7 +254,7 @@ impl ChatStream {
     }
 
     /// Leaves `room`.
-    pub async fn leave(&mut self, room: &str) -> Result<u64, ClientError> {
+    pub async fn leave(&self, room: &str) -> Result<u64, ClientError> {
         self.command(Command::Leave(LeaveRoom {
             room: room.to_owned(),
         }))
@@ -226,7 +262,7 @@ impl ChatStream {
     }
 
     /// Sends a text message with a fresh idempotency key; returns the request id and key.
-    pub async fn say(&mut self, room: &str, text: &str) -> Result<(u64, String), ClientError> {
+    pub async fn say(&self, room: &str, text: &str) -> Result<(u64, String), ClientError> {
         let client_msg_id = new_client_msg_id();
         let request_id = self
             .send(OutgoingMessage {
@@ -240,12 +276,12 @@ impl ChatStream {
     }
 
     /// Sends a message as given (its `client_msg_id` is the caller's).
-    pub async fn send(&mut self, message: OutgoingMessage) -> Result<u64, ClientError> {
+    pub async fn send(&self, message: OutgoingMessage) -> Result<u64, ClientError> {
         self.command(Command::Send(message)).await
     }
 
     /// Tells `room` that this user is (or stopped) typing.
-    pub async fn typing(&mut self, room: &str, typing: bool) -> Result<u64, ClientError> {
+    pub async fn typing(&self, room: &str, typing: bool) -> Result<u64, ClientError> {
         self.command(Command::Typing(SetTyping {
             room: room.to_owned(),
             typing,
@@ -253,14 +289,9 @@ impl ChatStream {
         .await
     }
 
-    /// The next event; `Ok(None)` when the server ended the stream cleanly.
-    pub async fn next_event(&mut self) -> Result<Option<ChatResponse>, Status> {
-        self.events.message().await
-    }
-
-    /// Ends the sending side; the server finishes the session and ends its stream.
-    pub fn close(&mut self) {
-        let (closed, _) = mpsc::channel(1);
-        self.frames = closed;
+    /// Asks for a pong carrying `client_time_micros`.
+    pub async fn ping(&self, client_time_micros: i64) -> Result<u64, ClientError> {
+        self.command(Command::Ping(pb::Ping { client_time_micros }))
+            .await
     }
 }

@@ -15,7 +15,7 @@
 pub mod client;
 mod message;
 
-pub use client::{ChatStream, Client, ClientError};
+pub use client::{ChatSender, ChatStream, Client, ClientError};
 pub use message::{ChatMessage, ChatMessageRecord, MessageKind};
 
 /// The `chat.v1` protocol, generated at build time from `proto/chat/v1/*.proto`.

@@ -1,0 +1,544 @@
+//! The `Chat` stream end to end: fan-out, order, presence, errors, typing, resume.
+
+mod common;
+
+use std::{collections::HashSet, time::Duration};
+
+use common::{Events, Proxy, TestServer, client_at, command_error, within};
+use confab::pb::{ChatRequest, OutgoingMessage, PresenceKind, chat_response::Event};
+use confab_server::Config;
+use tonic::Code;
+
+/// Every client sees every message exactly once, in seq order, while several senders
+/// send at once; every sender gets an ack with a distinct seq for each of its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_receives_every_message_once_in_seq_order() {
+    const CLIENTS: usize = 4;
+    const SENDERS: usize = 3;
+    const PER_SENDER: usize = 334; // 1,002 messages in all
+    const TOTAL: usize = SENDERS * PER_SENDER;
+
+    let server = TestServer::start().await;
+    let mut readers = Vec::new();
+    let mut senders = Vec::new();
+    for i in 0..CLIENTS {
+        let client = server.client(&format!("user{i}")).await;
+        let mut events = Events::open(&client).await;
+        events.join("fanout", None).await;
+        let (sender, mut stream) = events.chat.split();
+        if i < SENDERS {
+            senders.push(sender.clone());
+        }
+        readers.push(tokio::spawn(async move {
+            let _client = client; // keeps the channel open
+            let _sender = sender;
+            let mut seqs = Vec::new();
+            let mut texts = HashSet::new();
+            let mut acks = Vec::new();
+            while seqs.len() < TOTAL || (i < SENDERS && acks.len() < PER_SENDER) {
+                let event = stream
+                    .message()
+                    .await
+                    .expect("stream ok")
+                    .expect("stream open");
+                match event.event {
+                    Some(Event::Message(m)) => {
+                        seqs.push(m.seq);
+                        assert!(texts.insert(m.text.clone()), "duplicate text {}", m.text);
+                    }
+                    Some(Event::Ack(ack)) => acks.push(ack.seq),
+                    Some(Event::Error(e)) => panic!("unexpected error {e:?}"),
+                    _ => {}
+                }
+            }
+            (seqs, texts, acks)
+        }));
+    }
+
+    let sending: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(s, sender)| {
+            tokio::spawn(async move {
+                for n in 0..PER_SENDER {
+                    sender
+                        .say("fanout", &format!("s{s}-m{n}"))
+                        .await
+                        .expect("send");
+                }
+            })
+        })
+        .collect();
+    for task in sending {
+        within("the senders", task).await.unwrap();
+    }
+
+    let expected_texts: HashSet<String> = (0..SENDERS)
+        .flat_map(|s| (0..PER_SENDER).map(move |n| format!("s{s}-m{n}")))
+        .collect();
+    let mut all_acks = Vec::new();
+    for reader in readers {
+        let (seqs, texts, acks) = within("a reader to get every message", reader)
+            .await
+            .unwrap();
+        assert_eq!(
+            seqs,
+            (1..=TOTAL as u64).collect::<Vec<_>>(),
+            "seqs in order, no gaps, no duplicates"
+        );
+        assert_eq!(texts, expected_texts);
+        all_acks.extend(acks);
+    }
+    all_acks.sort_unstable();
+    assert_eq!(
+        all_acks,
+        (1..=TOTAL as u64).collect::<Vec<_>>(),
+        "one ack per message"
+    );
+}
+
+/// Joining and leaving are announced to the room, and the member list follows.
+#[tokio::test]
+async fn presence_is_announced_on_join_and_leave() {
+    let server = TestServer::start().await;
+    let alice = server.client("alice").await;
+    let mut alice_events = Events::open(&alice).await;
+    let joined = alice_events.join("den", None).await;
+    assert_eq!(joined.members, ["alice"]);
+
+    let bob = server.client("bob").await;
+    let mut bob_events = Events::open(&bob).await;
+    let joined = bob_events.join("den", None).await;
+    assert_eq!(joined.members, ["alice", "bob"]);
+    assert_eq!(joined.room.unwrap().member_count, 2);
+
+    let presence = alice_events
+        .until(
+            "bob's join",
+            |e| matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob"),
+        )
+        .await;
+    let Some(Event::Presence(p)) = presence.event else {
+        unreachable!()
+    };
+    assert_eq!(p.kind(), PresenceKind::Joined);
+    assert_eq!(p.room, "den");
+
+    let id = bob_events.chat.sender().leave("den").await.unwrap();
+    assert!(matches!(bob_events.reply(id).await, Event::Left(l) if l.room == "den"));
+    let presence = alice_events
+        .until(
+            "bob's leave",
+            |e| matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob"),
+        )
+        .await;
+    let Some(Event::Presence(p)) = presence.event else {
+        unreachable!()
+    };
+    assert_eq!(p.kind(), PresenceKind::Left);
+
+    let members = alice
+        .rpc()
+        .list_members(confab::pb::ListMembersRequest {
+            room: "den".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(members, ["alice"]);
+}
+
+/// A user with two streams in a room stays present until the last one leaves.
+#[tokio::test]
+async fn presence_counts_streams_not_connections() {
+    let server = TestServer::start().await;
+    let watcher = server.client("watcher").await;
+    let mut watching = Events::open(&watcher).await;
+    watching.join("r", None).await;
+
+    let bob = server.client("bob").await;
+    let mut first = Events::open(&bob).await;
+    let mut second = Events::open(&bob).await;
+    first.join("r", None).await;
+    second.join("r", None).await;
+    drop(first);
+    // The second stream is still in: a message from it arrives before any leave event.
+    second.say("r", "still here").await;
+    let event = watching
+        .until("bob's message or leave", |e| {
+            matches!(&e.event, Some(Event::Message(_)))
+                || matches!(&e.event, Some(Event::Presence(p)) if p.kind() == PresenceKind::Left)
+        })
+        .await;
+    assert!(matches!(event.event, Some(Event::Message(m)) if m.text == "still here"));
+    drop(second);
+    watching
+        .until("bob's leave", |e| {
+            matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob" && p.kind() == PresenceKind::Left)
+        })
+        .await;
+}
+
+/// A client whose connection is closed without a word (killed process) leaves the room.
+#[tokio::test]
+async fn a_killed_connection_leaves_the_room() {
+    let server = TestServer::start().await;
+    let alice = server.client("alice").await;
+    let mut alice_events = Events::open(&alice).await;
+    alice_events.join("r", None).await;
+
+    let proxy = Proxy::start(server.addr).await;
+    let bob = client_at(&proxy.url(), "bob").await;
+    let mut bob_events = Events::open(&bob).await;
+    bob_events.join("r", None).await;
+    alice_events
+        .until(
+            "bob's join",
+            |e| matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob"),
+        )
+        .await;
+
+    proxy.cut();
+    let leave = alice_events
+        .until("bob's leave after the cut", |e| {
+            matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob" && p.kind() == PresenceKind::Left)
+        })
+        .await;
+    assert_eq!(leave.request_id, 0);
+}
+
+/// A client whose network goes silent (no FIN, no RST) is found dead by keepalive and
+/// leaves the room within a few seconds.
+#[tokio::test]
+async fn a_silent_connection_is_found_by_keepalive_and_leaves() {
+    let config = Config {
+        keepalive_interval: Duration::from_millis(500),
+        keepalive_timeout: Duration::from_millis(500),
+        ..Config::default()
+    };
+    let server = TestServer::with(config).await;
+    let alice = server.client("alice").await;
+    let mut alice_events = Events::open(&alice).await;
+    alice_events.join("r", None).await;
+
+    let proxy = Proxy::start(server.addr).await;
+    let bob = client_at(&proxy.url(), "bob").await;
+    let mut bob_events = Events::open(&bob).await;
+    bob_events.join("r", None).await;
+    alice_events
+        .until(
+            "bob's join",
+            |e| matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob"),
+        )
+        .await;
+
+    proxy.freeze();
+    alice_events
+        .until("bob's leave after the freeze", |e| {
+            matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob" && p.kind() == PresenceKind::Left)
+        })
+        .await;
+}
+
+/// Bad commands get an in-band error with the right code and field, and the stream goes on.
+#[tokio::test]
+async fn bad_commands_get_errors_and_the_stream_goes_on() {
+    let config = Config {
+        max_text_bytes: 16,
+        ..Config::default()
+    };
+    let server = TestServer::with(config).await;
+    let alice = server.client("alice").await;
+    let mut events = Events::open(&alice).await;
+    events.join("here", None).await;
+    // A room that exists but is not joined on this stream.
+    alice
+        .rpc()
+        .create_room(confab::pb::CreateRoomRequest {
+            room: "elsewhere".into(),
+            topic: String::new(),
+        })
+        .await
+        .unwrap();
+    let sender = events.chat.sender().clone();
+
+    let id = sender.say("nowhere", "hi").await.unwrap().0;
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::NotFound, vec!["send.room".into()])
+    );
+
+    let id = sender.say("elsewhere", "hi").await.unwrap().0;
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::FailedPrecondition, vec!["send.room".into()])
+    );
+
+    let id = sender.join("Not A Room", None).await.unwrap();
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::InvalidArgument, vec!["join.room".into()])
+    );
+
+    let id = sender.join("here", None).await.unwrap();
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::FailedPrecondition, vec!["join.room".into()])
+    );
+
+    let id = sender
+        .say("here", "this text is longer than sixteen bytes")
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::InvalidArgument, vec!["send.text".into()])
+    );
+
+    let id = sender.say("here", "   ").await.unwrap().0;
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::InvalidArgument, vec!["send.text".into()])
+    );
+
+    let id = sender
+        .send(OutgoingMessage {
+            room: "here".into(),
+            text: "no id".into(),
+            client_msg_id: String::new(),
+            kind: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::InvalidArgument, vec!["send.client_msg_id".into()])
+    );
+
+    let id = sender
+        .send(OutgoingMessage {
+            room: "here".into(),
+            text: "odd kind".into(),
+            client_msg_id: "k".into(),
+            kind: 42,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::InvalidArgument, vec!["send.kind".into()])
+    );
+
+    let id = sender.typing("elsewhere", true).await.unwrap();
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::FailedPrecondition, vec!["typing.room".into()])
+    );
+
+    let id = sender.leave("elsewhere").await.unwrap();
+    assert_eq!(
+        command_error(events.reply(id).await),
+        (Code::FailedPrecondition, vec!["leave.room".into()])
+    );
+
+    sender
+        .send_frame(ChatRequest {
+            request_id: 9_999,
+            command: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        command_error(events.reply(9_999).await),
+        (Code::InvalidArgument, vec!["command".into()])
+    );
+
+    // After all that, the stream still works.
+    let seq = events.say("here", "still fine").await;
+    assert_eq!(seq, 1);
+    assert_eq!(events.message().await.text, "still fine");
+}
+
+/// A frame over the size limit is refused by the transport limit, not read into memory,
+/// and the server goes on serving others.
+#[tokio::test]
+async fn oversized_frames_are_refused_by_the_size_limit() {
+    let config = Config {
+        max_message_bytes: 8 * 1024,
+        max_text_bytes: 64 * 1024,
+        ..Config::default()
+    };
+    let server = TestServer::with(config).await;
+    let alice = server.client("alice").await;
+    let mut events = Events::open(&alice).await;
+    events.join("r", None).await;
+    let huge = "x".repeat(32 * 1024);
+    events.chat.sender().say("r", &huge).await.unwrap();
+    let status = events.end_status().await;
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{status:?}");
+
+    let bob = server.client("bob").await;
+    let mut bob_events = Events::open(&bob).await;
+    bob_events.join("r", None).await;
+    assert_eq!(bob_events.say("r", "small is fine").await, 1);
+}
+
+/// Typing notices reach the others, not the typist, and are never stored; ping gets pong.
+#[tokio::test]
+async fn typing_is_ephemeral_and_ping_gets_pong() {
+    let server = TestServer::start().await;
+    let alice = server.client("alice").await;
+    let bob = server.client("bob").await;
+    let mut alice_events = Events::open(&alice).await;
+    let mut bob_events = Events::open(&bob).await;
+    alice_events.join("r", None).await;
+    bob_events.join("r", None).await;
+
+    bob_events.chat.sender().typing("r", true).await.unwrap();
+    let event = alice_events
+        .until("bob typing", |e| matches!(e.event, Some(Event::Typing(_))))
+        .await;
+    let Some(Event::Typing(typing)) = event.event else {
+        unreachable!()
+    };
+    assert_eq!((typing.user.as_str(), typing.typing), ("bob", true));
+
+    // Bob's own stream: the next thing after his typing notice is his pong, not the notice.
+    let id = bob_events.chat.sender().ping(1234).await.unwrap();
+    let event = bob_events
+        .until("bob's pong or an echoed typing notice", |e| {
+            e.request_id == id || matches!(e.event, Some(Event::Typing(_)))
+        })
+        .await;
+    let Some(Event::Pong(pong)) = event.event else {
+        panic!("typing echoed to the typist: {event:?}")
+    };
+    assert_eq!(pong.client_time_micros, 1234);
+
+    let history = alice
+        .rpc()
+        .get_history(confab::pb::GetHistoryRequest {
+            room: "r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        history.messages.is_empty(),
+        "typing was stored: {history:?}"
+    );
+}
+
+/// Join without `after_seq` replays the last N messages; with it, exactly those after it.
+#[tokio::test]
+async fn join_replays_recent_history_or_resumes_after_a_seq() {
+    let config = Config {
+        history_on_join: 5,
+        ..Config::default()
+    };
+    let server = TestServer::with(config).await;
+    let alice = server.client("alice").await;
+    let mut alice_events = Events::open(&alice).await;
+    alice_events.join("r", None).await;
+    for n in 1..=20 {
+        alice_events.say("r", &format!("m{n}")).await;
+    }
+
+    let bob = server.client("bob").await;
+    let mut fresh = Events::open(&bob).await;
+    let joined = fresh.join("r", None).await;
+    assert_eq!(joined.room.unwrap().head_seq, 20);
+    assert_eq!(joined.replay_from_seq, 16);
+    let replayed: Vec<u64> = futures_collect(&mut fresh, 5).await;
+    assert_eq!(replayed, [16, 17, 18, 19, 20]);
+
+    let mut resumed = Events::open(&bob).await;
+    let joined = resumed.join("r", Some(12)).await;
+    assert_eq!(joined.replay_from_seq, 13);
+    alice_events.say("r", "m21").await;
+    let replayed: Vec<u64> = futures_collect(&mut resumed, 9).await;
+    assert_eq!(replayed, (13..=21).collect::<Vec<_>>());
+}
+
+async fn futures_collect(events: &mut Events, n: usize) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    while seqs.len() < n {
+        seqs.push(events.message().await.seq);
+    }
+    seqs
+}
+
+/// A nickname held by a live session cannot be taken; the holder can reclaim it.
+#[tokio::test]
+async fn a_live_nickname_cannot_be_taken() {
+    let server = TestServer::start().await;
+    let mut alice = server.client("alice").await;
+    let _stream = Events::open(&alice).await;
+
+    let mut impostor = server.anonymous().await;
+    let status = impostor.login("Alice").await.unwrap_err();
+    let confab::ClientError::Status(status) = status else {
+        panic!("{status:?}")
+    };
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    // The holder logging in again with its token keeps the nickname.
+    alice
+        .login("alice")
+        .await
+        .expect("the holder reclaims its nickname");
+}
+
+/// A reader that stops reading while the room floods does not slow the others, and once it
+/// reads again it gets every message exactly once, in order: what fell off the ring is read
+/// from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
+    const MESSAGES: u64 = 5_000;
+    let config = Config {
+        ring_capacity: 16,
+        ..Config::default()
+    };
+    let server = TestServer::with(config).await;
+    let stalled_client = server.client("stalled").await;
+    let mut stalled = Events::open(&stalled_client).await;
+    stalled.join("flood", None).await;
+    let brisk_client = server.client("brisk").await;
+    let mut brisk = Events::open(&brisk_client).await;
+    brisk.join("flood", None).await;
+
+    let publisher = server.client("publisher").await;
+    let batch = futures::stream::iter((1..=MESSAGES).map(|n| confab::pb::PublishBatchRequest {
+        message: Some(OutgoingMessage {
+            room: "flood".into(),
+            text: format!("message number {n} with some padding to make it longer"),
+            client_msg_id: format!("id-{n}"),
+            kind: 0,
+        }),
+    }));
+    let publishing = tokio::spawn(async move { publisher.rpc().publish_batch(batch).await });
+
+    // The brisk reader keeps up while the stalled one reads nothing.
+    let mut seen = Vec::new();
+    while seen.len() < MESSAGES as usize {
+        seen.push(brisk.message().await.seq);
+    }
+    assert_eq!(seen, (1..=MESSAGES).collect::<Vec<_>>());
+    let summary = within("the batch", publishing)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert_eq!(summary.accepted, MESSAGES as u32);
+
+    let mut caught_up = Vec::new();
+    while caught_up.len() < MESSAGES as usize {
+        caught_up.push(stalled.message().await.seq);
+    }
+    assert_eq!(caught_up, (1..=MESSAGES).collect::<Vec<_>>());
+}

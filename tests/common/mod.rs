@@ -1,0 +1,323 @@
+//! What the end-to-end tests share: a real server on `127.0.0.1:0`, logged-in clients, a
+//! reader that waits for events with a deadline, and a TCP proxy that can cut or freeze a
+//! connection the way a crashed client or a dead network would.
+
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use confab::{
+    ChatMessage, ChatStream, Client,
+    pb::{ChatResponse, chat_response::Event},
+};
+use confab_server::{Config, ServerError};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::{Notify, oneshot},
+    task::JoinHandle,
+};
+use tonic::{Code, Status};
+
+/// How long any single wait in a test may take before the test fails. Generous: it is a
+/// bound on a hang, not a performance assertion.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Awaits `future`, failing the test with `what` if it takes longer than [`DEADLINE`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// A running server.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Sends the shutdown signal.
+    stop: Option<oneshot::Sender<()>>,
+    /// The server task; resolves when `run` returns.
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestServer {
+    /// A server with default settings.
+    pub async fn start() -> Self {
+        Self::with(Config::default()).await
+    }
+
+    /// A server with `config` (its `listen` is ignored: the port is picked by the OS).
+    pub async fn with(config: Config) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(confab_server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// `http://` address of the server.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client connected and logged in as `nickname`.
+    pub async fn client(&self, nickname: &str) -> Client {
+        client_at(&self.url(), nickname).await
+    }
+
+    /// A client connected but not logged in.
+    pub async fn anonymous(&self) -> Client {
+        Client::connect(&self.url()).await.expect("connect")
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        self.signal_stop();
+        let task = self.task.take().expect("server task");
+        within("the server to stop", task)
+            .await
+            .expect("server task panicked")
+    }
+
+    /// Signals shutdown without waiting.
+    pub fn signal_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.signal_stop();
+    }
+}
+
+/// A client at `url`, logged in as `nickname`.
+pub async fn client_at(url: &str, nickname: &str) -> Client {
+    let mut client = Client::connect(url).await.expect("connect");
+    client.login(nickname).await.expect("login");
+    client
+}
+
+/// Reads events from a chat stream with a deadline.
+pub struct Events {
+    /// The stream being read.
+    pub chat: ChatStream,
+}
+
+impl Events {
+    /// Opens a chat stream for `client`.
+    pub async fn open(client: &Client) -> Self {
+        Self {
+            chat: client.chat().await.expect("open chat stream"),
+        }
+    }
+
+    /// The next event.
+    pub async fn next(&mut self) -> ChatResponse {
+        within("the next chat event", self.chat.next_event())
+            .await
+            .expect("chat stream failed")
+            .expect("chat stream ended")
+    }
+
+    /// Skips events until one matches, and returns it.
+    pub async fn until(
+        &mut self,
+        what: &str,
+        mut matches: impl FnMut(&ChatResponse) -> bool,
+    ) -> ChatResponse {
+        within(what, async {
+            loop {
+                let event = self
+                    .chat
+                    .next_event()
+                    .await
+                    .unwrap_or_else(|status| {
+                        panic!("chat stream failed waiting for {what}: {status:?}")
+                    })
+                    .unwrap_or_else(|| panic!("chat stream ended waiting for {what}"));
+                if matches(&event) {
+                    return event;
+                }
+            }
+        })
+        .await
+    }
+
+    /// The reply to `request_id`.
+    pub async fn reply(&mut self, request_id: u64) -> Event {
+        self.until(&format!("the reply to request {request_id}"), |e| {
+            e.request_id == request_id
+        })
+        .await
+        .event
+        .expect("reply without event")
+    }
+
+    /// Joins `room` and returns the `Joined` reply.
+    pub async fn join(&mut self, room: &str, after_seq: Option<u64>) -> confab::pb::Joined {
+        let id = self
+            .chat
+            .sender()
+            .join(room, after_seq)
+            .await
+            .expect("send join");
+        match self.reply(id).await {
+            Event::Joined(joined) => joined,
+            other => panic!("join {room} failed: {other:?}"),
+        }
+    }
+
+    /// Sends `text` to `room` and returns the acked seq.
+    pub async fn say(&mut self, room: &str, text: &str) -> u64 {
+        let (id, _) = self.chat.sender().say(room, text).await.expect("send");
+        match self.reply(id).await {
+            Event::Ack(ack) => ack.seq,
+            other => panic!("send to {room} failed: {other:?}"),
+        }
+    }
+
+    /// The next chat message (skipping presence, typing, replies).
+    pub async fn message(&mut self) -> ChatMessage {
+        match self
+            .until("a message", |e| matches!(e.event, Some(Event::Message(_))))
+            .await
+            .event
+        {
+            Some(Event::Message(message)) => message,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Reads until the stream ends with an error status, and returns it.
+    pub async fn end_status(&mut self) -> Status {
+        within("the stream to end", async {
+            loop {
+                match self.chat.next_event().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("stream ended without an error status"),
+                    Err(status) => return status,
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// The code and field violations of an in-band error event.
+pub fn command_error(event: Event) -> (Code, Vec<String>) {
+    match event {
+        Event::Error(error) => (
+            Code::from(error.code),
+            error
+                .field_violations
+                .into_iter()
+                .map(|v| v.field)
+                .collect(),
+        ),
+        other => panic!("expected an error event, got {other:?}"),
+    }
+}
+
+/// The field paths of a status's BadRequest details.
+pub fn violated_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_bad_request()
+        .map(|bad| bad.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+/// A TCP proxy in front of a server, whose connections the test can sever.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Set to drop every connection at once (like a killed process: the kernel closes it).
+    cut: Arc<Notify>,
+    /// Set to stop forwarding while keeping sockets open (like a dead network path).
+    frozen: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// A proxy that forwards to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = Arc::new(Notify::new());
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (cut_all, frozen_all) = (cut.clone(), frozen.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                let cut = cut_all.clone();
+                let frozen = frozen_all.clone();
+                tokio::spawn(async move {
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::select! {
+                        _ = pump(client_read, server_write, frozen.clone()) => {}
+                        _ = pump(server_read, client_write, frozen) => {}
+                        _ = cut.notified() => {}
+                    }
+                    // Dropping both halves closes both sockets.
+                });
+            }
+        });
+        Self { addr, cut, frozen }
+    }
+
+    /// `http://` address of the proxy.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Closes every proxied connection at once.
+    pub fn cut(&self) {
+        self.cut.notify_waiters();
+    }
+
+    /// Stops forwarding bytes in both directions, keeping the sockets open.
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            // Swallow everything from now on, as a dead path would.
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
