@@ -16,7 +16,7 @@
 //! The cursor is pulled, never pushed: the session asks for the next event only when its
 //! response stream has room, so how fast a reader reads is its own business.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
 use confab::ChatMessage;
 use futures::Stream;
@@ -30,6 +30,9 @@ use crate::{
 
 /// Messages read from the store at a time when replaying.
 const REPLAY_CHUNK: usize = 256;
+
+/// A cursor as a stream; a session keys one per room in a `StreamMap`.
+pub type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery, ChatError>> + Send>>;
 
 /// What a cursor yields.
 #[derive(Debug, Clone)]
@@ -167,8 +170,8 @@ impl Cursor {
     }
 
     /// The cursor as a stream, for reading many rooms at once with a `StreamMap`.
-    pub fn into_stream(self) -> impl Stream<Item = Result<Delivery, ChatError>> + Send {
-        futures::stream::unfold(Some(self), |cursor| async move {
+    pub fn into_stream(self) -> DeliveryStream {
+        Box::pin(futures::stream::unfold(Some(self), |cursor| async move {
             let mut cursor = cursor?;
             match cursor.next().await {
                 Ok(Some(delivery)) => Some((Ok(delivery), Some(cursor))),
@@ -176,6 +179,6 @@ impl Cursor {
                 // A store failure ends this cursor after reporting it.
                 Err(error) => Some((Err(error), None)),
             }
-        })
+        }))
     }
 }

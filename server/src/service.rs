@@ -5,17 +5,18 @@
 //! and leave the work to a task (a handler that awaited the client first would leave the
 //! client waiting for response headers).
 
-use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc};
 
 use confab::pb::{self, chat_service_server::ChatService, subscribe_response};
-use futures::{Stream, StreamExt as _};
+use futures::StreamExt as _;
 use tokio_stream::{StreamMap, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
 
 use crate::{
     auth::{Nicknames, Tokens, caller},
-    cursor::{Cursor, Delivery},
+    cursor::{Cursor, Delivery, DeliveryStream},
     error::{ChatError, Violation},
     hub::{Hub, RoomEvent},
     outbound::{End, Outbound, reconnect_notice},
@@ -307,7 +308,7 @@ impl ChatService for ChatServer {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        caller(&request)?;
+        let user = caller(&request)?;
         let request = request.into_inner();
         if request.rooms.is_empty() {
             return Err(ChatError::invalid("rooms", "name at least one room").into());
@@ -333,7 +334,9 @@ impl ChatService for ChatServer {
             );
         }
         let (out, stream) = Outbound::channel(self.shutdown.clone());
-        tokio::spawn(tail(cursors, out));
+        let span =
+            tracing::info_span!("subscribe", user = %user.nickname, rooms = request.rooms.len());
+        tokio::spawn(tail(cursors, out).instrument(span));
         Ok(Response::new(stream))
     }
 
@@ -348,9 +351,10 @@ impl ChatService for ChatServer {
             return Err(ChatError::ShuttingDown.into());
         }
         let claim = self.nicknames.open_stream(&user);
+        let span = tracing::info_span!("chat", user = %user.nickname);
         let session = Session::new(self.hub.clone(), user, claim, self.max_text_bytes);
         let (out, stream) = Outbound::channel(self.shutdown.clone());
-        tokio::spawn(session.run(request.into_inner(), out));
+        tokio::spawn(session.run(request.into_inner(), out).instrument(span));
         Ok(Response::new(stream))
     }
 }
@@ -368,8 +372,6 @@ fn parse_history_position(
         _ => Err(invalid()),
     }
 }
-
-type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery, ChatError>> + Send>>;
 
 /// The task behind a `Subscribe` call: messages and gaps of every tailed room, in seq
 /// order per room, pulled only as fast as the client reads them.

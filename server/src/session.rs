@@ -12,24 +12,21 @@
 //! client slows nobody but itself. When the loop ends, the session is dropped, and with it
 //! every cursor and [`Presence`]: the user leaves each room and the others see it at once.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use confab::pb::{self, ChatRequest, ChatResponse, chat_request::Command, chat_response::Event};
-use futures::{Stream, StreamExt as _};
+use futures::StreamExt as _;
 use tokio_stream::StreamMap;
 use tonic::Streaming;
 
 use crate::{
     auth::{Identity, StreamClaim},
-    cursor::Delivery,
+    cursor::{Delivery, DeliveryStream},
     error::ChatError,
     hub::{Hub, Presence, RoomEvent},
     outbound::{End, Outbound, reconnect_notice},
     validate,
 };
-
-/// A room's deliveries as a stream, keyed by room in the session's `StreamMap`.
-type RoomStream = Pin<Box<dyn Stream<Item = Result<Delivery, ChatError>> + Send>>;
 
 /// The state of one `Chat` stream.
 pub struct Session {
@@ -59,7 +56,7 @@ impl Session {
 
     /// Runs the session until the client leaves, the connection drops or the server drains.
     pub async fn run(mut self, mut inbound: Streaming<ChatRequest>, out: Outbound<ChatResponse>) {
-        let mut cursors: StreamMap<String, RoomStream> = StreamMap::new();
+        let mut cursors: StreamMap<String, DeliveryStream> = StreamMap::new();
         let end = loop {
             let step = tokio::select! {
                 biased;
@@ -81,7 +78,7 @@ impl Session {
                 break end;
             }
         };
-        tracing::debug!(user = %self.user.nickname, ?end, "chat stream ended");
+        tracing::debug!(?end, "chat stream ended");
         // Leave every room before the final words, so presence is prompt even when the
         // client is too stalled to take them.
         drop(cursors);
@@ -95,7 +92,7 @@ impl Session {
         &mut self,
         frame: ChatRequest,
         out: &Outbound<ChatResponse>,
-        cursors: &mut StreamMap<String, RoomStream>,
+        cursors: &mut StreamMap<String, DeliveryStream>,
     ) -> Result<(), End> {
         let request_id = frame.request_id;
         let reply = match frame.command {
@@ -135,14 +132,17 @@ impl Session {
             Ok(Some(event)) => out.send(reply_to(request_id, event)).await,
             Ok(None) => Ok(()),
             Err(error) => {
-                tracing::debug!(user = %self.user.nickname, request_id, %error, "command refused");
+                tracing::debug!(request_id, %error, "command refused");
                 out.send(reply_to(request_id, Event::Error(error.to_command_error())))
                     .await
             }
         }
     }
 
-    fn join(&mut self, join: pb::JoinRoom) -> Result<(pb::Joined, String, RoomStream), ChatError> {
+    fn join(
+        &mut self,
+        join: pb::JoinRoom,
+    ) -> Result<(pb::Joined, String, DeliveryStream), ChatError> {
         validate::room_name("room", &join.room)?;
         if self.rooms.contains_key(&join.room) {
             return Err(ChatError::precondition(
@@ -158,13 +158,13 @@ impl Session {
             self.hub.config().history_on_join,
         );
         self.rooms.insert(join.room.clone(), presence);
-        Ok((joined, join.room, Box::pin(cursor.into_stream())))
+        Ok((joined, join.room, cursor.into_stream()))
     }
 
     fn leave(
         &mut self,
         room: &str,
-        cursors: &mut StreamMap<String, RoomStream>,
+        cursors: &mut StreamMap<String, DeliveryStream>,
     ) -> Result<String, ChatError> {
         self.joined("room", room)?;
         cursors.remove(room);

@@ -1,0 +1,271 @@
+//! Operations end to end: health, graceful shutdown of the library and of the real
+//! `confab-server` binary on SIGTERM and SIGINT.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use common::{Events, TestServer, client_at, within};
+use confab::pb::{self, chat_response::Event, subscribe_response};
+use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+/// Health says SERVING while up, and NOT_SERVING as soon as the drain starts.
+#[tokio::test]
+async fn health_reports_serving_then_not_serving_on_drain() {
+    let mut server = TestServer::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", "chat.v1.ChatService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "{service:?}");
+    }
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "chat.v1.ChatService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the first health update", watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    server.signal_stop();
+    let next = within("the drain's health update", watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+}
+
+/// Shutdown tells every open stream to reconnect, ends it with UNAVAILABLE, and `run`
+/// returns although clients are still connected.
+#[tokio::test]
+async fn shutdown_ends_open_streams_with_unavailable_and_returns() {
+    let server = TestServer::start().await;
+    let alice = server.client("alice").await;
+    let mut chat = Events::open(&alice).await;
+    chat.join("r", None).await;
+    let mut tail = alice
+        .rpc()
+        .subscribe(pb::SubscribeRequest {
+            rooms: vec![pb::RoomPosition {
+                room: "r".into(),
+                after_seq: Some(0),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let stopping = tokio::spawn(server.stop());
+
+    let reconnect = chat
+        .until("the reconnect notice", |e| {
+            matches!(e.event, Some(Event::Reconnect(_)))
+        })
+        .await;
+    assert_eq!(reconnect.request_id, 0);
+    assert_eq!(chat.end_status().await.code(), Code::Unavailable);
+
+    let event = within("the subscription's notice", tail.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(event.event, Some(subscribe_response::Event::Reconnect(_))),
+        "{event:?}"
+    );
+    let status = within("the subscription's end", tail.message())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+
+    within("run to return", stopping)
+        .await
+        .unwrap()
+        .expect("clean shutdown");
+    // The client is still holding its connection; nothing is serving it any more.
+    assert!(
+        alice
+            .rpc()
+            .list_rooms(pb::ListRoomsRequest::default())
+            .await
+            .is_err()
+    );
+}
+
+/// A started `confab-server` process.
+struct ServerProcess {
+    child: Child,
+    url: String,
+}
+
+impl ServerProcess {
+    /// Starts the binary on a free port and waits for the line that says where it listens.
+    fn start() -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_confab-server"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start confab-server");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("confab-server exited before listening")
+                .expect("read log");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                break rest.split_whitespace().next().expect("address").to_owned();
+            }
+        };
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Self {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (polling with a deadline) and returns its status.
+    async fn exit_status(&mut self) -> std::process::ExitStatus {
+        within("confab-server to exit", async {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("wait") {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The binary logs where it listens, serves, and on SIGTERM or SIGINT tells its clients to
+/// reconnect and exits 0 while they are still connected.
+#[tokio::test]
+async fn the_binary_drains_and_exits_on_sigterm_and_sigint() {
+    for signal in ["TERM", "INT"] {
+        let mut server = ServerProcess::start();
+        let alice = client_at(&server.url, "alice").await;
+        let mut chat = Events::open(&alice).await;
+        chat.join("r", None).await;
+        assert_eq!(chat.say("r", "hello").await, 1);
+
+        server.signal(signal);
+        chat.until("the reconnect notice", |e| {
+            matches!(e.event, Some(Event::Reconnect(_)))
+        })
+        .await;
+        assert_eq!(chat.end_status().await.code(), Code::Unavailable);
+        let status = server.exit_status().await;
+        assert!(status.success(), "SIG{signal}: {status:?}");
+    }
+}
+
+/// Reflection v1 and v1alpha both list every service and describe the chat service, so
+/// grpcurl and `buf curl` work whichever version they speak.
+#[tokio::test]
+async fn reflection_lists_every_service_in_both_versions() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let expected = [
+        "chat.v1.ChatService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut replies = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = within("a v1 reflection reply", replies.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("{reply:?}")
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    assert_eq!(names, expected);
+
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "chat.v1.ChatService".into(),
+            ),
+        ),
+    };
+    let mut replies = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = within("a v1alpha reflection reply", replies.message())
+        .await
+        .unwrap()
+        .unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        reply.message_response
+    else {
+        panic!("{reply:?}")
+    };
+    assert!(!files.file_descriptor_proto.is_empty());
+}
