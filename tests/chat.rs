@@ -112,12 +112,7 @@ async fn presence_is_announced_on_join_and_leave() {
     assert_eq!(joined.members, ["alice", "bob"]);
     assert_eq!(joined.room.unwrap().member_count, 2);
 
-    let presence = alice_events
-        .until(
-            "bob's join",
-            |e| matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob"),
-        )
-        .await;
+    let presence = alice_events.presence("bob", PresenceKind::Joined).await;
     let Some(Event::Presence(p)) = presence.event else {
         unreachable!()
     };
@@ -174,39 +169,13 @@ async fn presence_counts_streams_not_connections() {
         .await;
     assert!(matches!(event.event, Some(Event::Message(m)) if m.text == "still here"));
     drop(second);
-    watching
-        .until("bob's leave", |e| {
-            matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob" && p.kind() == PresenceKind::Left)
-        })
-        .await;
+    watching.presence("bob", PresenceKind::Left).await;
 }
 
 /// A client whose connection is closed without a word (killed process) leaves the room.
 #[tokio::test]
 async fn a_killed_connection_leaves_the_room() {
-    let server = TestServer::start().await;
-    let alice = server.client("alice").await;
-    let mut alice_events = Events::open(&alice).await;
-    alice_events.join("r", None).await;
-
-    let proxy = Proxy::start(server.addr).await;
-    let bob = client_at(&proxy.url(), "bob").await;
-    let mut bob_events = Events::open(&bob).await;
-    bob_events.join("r", None).await;
-    alice_events
-        .until(
-            "bob's join",
-            |e| matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob"),
-        )
-        .await;
-
-    proxy.cut();
-    let leave = alice_events
-        .until("bob's leave after the cut", |e| {
-            matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob" && p.kind() == PresenceKind::Left)
-        })
-        .await;
-    assert_eq!(leave.request_id, 0);
+    leaves_when_its_connection_fails(Config::default(), Proxy::cut).await;
 }
 
 /// A client whose network goes silent (no FIN, no RST) is found dead by keepalive and
@@ -218,6 +187,11 @@ async fn a_silent_connection_is_found_by_keepalive_and_leaves() {
         keepalive_timeout: Duration::from_millis(500),
         ..Config::default()
     };
+    leaves_when_its_connection_fails(config, Proxy::freeze).await;
+}
+
+/// Bob joins through a proxy, `fail` breaks his connection, and alice sees him leave.
+async fn leaves_when_its_connection_fails(config: Config, fail: impl FnOnce(&Proxy)) {
     let server = TestServer::with(config).await;
     let alice = server.client("alice").await;
     let mut alice_events = Events::open(&alice).await;
@@ -227,19 +201,11 @@ async fn a_silent_connection_is_found_by_keepalive_and_leaves() {
     let bob = client_at(&proxy.url(), "bob").await;
     let mut bob_events = Events::open(&bob).await;
     bob_events.join("r", None).await;
-    alice_events
-        .until(
-            "bob's join",
-            |e| matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob"),
-        )
-        .await;
+    alice_events.presence("bob", PresenceKind::Joined).await;
 
-    proxy.freeze();
-    alice_events
-        .until("bob's leave after the freeze", |e| {
-            matches!(&e.event, Some(Event::Presence(p)) if p.user == "bob" && p.kind() == PresenceKind::Left)
-        })
-        .await;
+    fail(&proxy);
+    let leave = alice_events.presence("bob", PresenceKind::Left).await;
+    assert_eq!(leave.request_id, 0, "a leave is pushed, not a reply");
 }
 
 /// Bad commands get an in-band error with the right code and field, and the stream goes on.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, violated_fields, within};
+use common::{TestServer, fields, violated_fields, within};
 use confab::{
     Client,
     pb::{self, HistoryDirection, subscribe_response::Event},
@@ -139,11 +139,7 @@ async fn publish_batch_summarises_accepted_rejected_and_ranges() {
                 r.index,
                 r.client_msg_id.clone(),
                 Code::from(error.code),
-                error
-                    .field_violations
-                    .into_iter()
-                    .map(|v| v.field)
-                    .collect(),
+                fields(&error),
             )
         })
         .collect();

@@ -16,7 +16,7 @@ use std::{
 
 use confab::{
     ChatMessage, ChatStream, Client,
-    pb::{ChatResponse, chat_response::Event},
+    pb::{ChatResponse, CommandError, PresenceKind, chat_response::Event},
 };
 use confab_server::{Config, ServerError};
 use tokio::{
@@ -206,6 +206,15 @@ impl Events {
         }
     }
 
+    /// Skips events until `user`'s presence changes as `kind` says, and returns the event.
+    pub async fn presence(&mut self, user: &str, kind: PresenceKind) -> ChatResponse {
+        self.until(
+            &format!("{user} {kind:?}"),
+            |e| matches!(&e.event, Some(Event::Presence(p)) if p.user == user && p.kind() == kind),
+        )
+        .await
+    }
+
     /// Reads until the stream ends with an error status, and returns it.
     pub async fn end_status(&mut self) -> Status {
         within("the stream to end", async {
@@ -224,16 +233,18 @@ impl Events {
 /// The code and field violations of an in-band error event.
 pub fn command_error(event: Event) -> (Code, Vec<String>) {
     match event {
-        Event::Error(error) => (
-            Code::from(error.code),
-            error
-                .field_violations
-                .into_iter()
-                .map(|v| v.field)
-                .collect(),
-        ),
+        Event::Error(error) => (Code::from(error.code), fields(&error)),
         other => panic!("expected an error event, got {other:?}"),
     }
+}
+
+/// The field paths an in-band error names.
+pub fn fields(error: &CommandError) -> Vec<String> {
+    error
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect()
 }
 
 /// The field paths of a status's BadRequest details.
