@@ -3,13 +3,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
-
-use common::{Events, TestServer, client_at, within};
+use common::{Events, ServerProcess, TestServer, client_at, within};
 use confab::pb::{self, chat_response::Event, subscribe_response};
 use tonic::Code;
 use tonic_health::pb::{
@@ -115,76 +109,13 @@ async fn shutdown_ends_open_streams_with_unavailable_and_returns() {
     );
 }
 
-/// A started `confab-server` process.
-struct ServerProcess {
-    child: Child,
-    url: String,
-}
-
-impl ServerProcess {
-    /// Starts the binary on a free port and waits for the line that says where it listens.
-    fn start() -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_confab-server"))
-            .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start confab-server");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("confab-server exited before listening")
-                .expect("read log");
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.split_whitespace().next().expect("address").to_owned();
-            }
-        };
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit (polling with a deadline) and returns its status.
-    async fn exit_status(&mut self) -> std::process::ExitStatus {
-        within("confab-server to exit", async {
-            loop {
-                if let Some(status) = self.child.try_wait().expect("wait") {
-                    return status;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The binary logs where it listens, serves, and on SIGTERM or SIGINT tells its clients to
 /// reconnect and exits 0 while they are still connected.
 #[tokio::test]
 async fn the_binary_drains_and_exits_on_sigterm_and_sigint() {
     for signal in ["TERM", "INT"] {
-        let mut server = ServerProcess::start();
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut server = ServerProcess::start(data_dir.path(), "127.0.0.1:0");
         let alice = client_at(&server.url, "alice").await;
         let mut chat = Events::open(&alice).await;
         chat.join("r", None).await;

@@ -1,6 +1,6 @@
 //! [`Config`]: every setting of the server, from flags or environment variables.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -20,6 +20,31 @@ pub struct Config {
     /// Address to listen on (`127.0.0.1:0` picks a free port; the log says which).
     #[arg(long, env = "CONFAB_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+
+    /// Directory of the SQLite store (created if missing). One server per directory.
+    #[arg(long, env = "CONFAB_DATA_DIR", default_value = "confab-data")]
+    pub data_dir: PathBuf,
+
+    /// Keep everything in memory instead (a throwaway server: nothing survives it).
+    #[arg(long, env = "CONFAB_IN_MEMORY")]
+    pub in_memory: bool,
+
+    /// Keep at most this many newest messages per room (default: all).
+    #[arg(long, env = "CONFAB_RETENTION_MESSAGES")]
+    pub retention_messages: Option<u64>,
+
+    /// Remove messages older than this, e.g. `30d` (default: keep them).
+    #[arg(long, env = "CONFAB_RETENTION_AGE", value_parser = humantime::parse_duration)]
+    pub retention_age: Option<Duration>,
+
+    /// How often retention runs, when a limit is set.
+    #[arg(long, env = "CONFAB_RETENTION_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub retention_interval: Duration,
+
+    /// End a stream whose client has read nothing for this long with RESOURCE_EXHAUSTED
+    /// (it can resume from its last seq).
+    #[arg(long, env = "CONFAB_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
 
     /// Largest gRPC message the server accepts, in bytes; bigger frames are refused.
     #[arg(long, env = "CONFAB_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
@@ -64,6 +89,16 @@ pub struct Config {
     /// Log format (the level comes from RUST_LOG, default `info`).
     #[arg(long, env = "CONFAB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+impl Config {
+    /// What retention the flags ask for.
+    pub fn retention(&self) -> crate::store::Retention {
+        crate::store::Retention {
+            max_messages: self.retention_messages,
+            max_age: self.retention_age,
+        }
+    }
 }
 
 impl Default for Config {

@@ -1,18 +1,24 @@
 //! The hub: every room, its seq counter, its members and its fan-out ring.
 //!
 //! A [`Room`] appends under a short std `Mutex`: check the idempotency key, take the next
-//! seq, hand the message to the store, and publish one [`RoomEvent`] on the room's
-//! `broadcast` channel. The event holds a [`ChatMessage`], an `Arc` that encodes once, so
-//! a room of N readers costs one allocation and one encode per message, not N.
+//! seq, and hand the message to the store. When the store has committed it, the store's
+//! callback (in seq order) advances the room's committed seq and publishes one
+//! [`RoomEvent`] on the room's `broadcast` channel; only then is the sender acked. So
+//! readers and senders only ever see committed messages, and a seq once seen is never
+//! reused, even across a crash. The event holds a [`ChatMessage`], an `Arc` that encodes
+//! once, so a room of N readers costs one allocation and one encode per message, not N.
 //!
 //! Readers are [`Cursor`]s into that ring (see `cursor.rs`); membership is a [`Presence`]
 //! guard whose `Drop` sends the leave event, so however a session ends (leave, stream end,
 //! dropped connection, shutdown, panic) the user leaves the room at once.
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, Mutex, MutexGuard},
-    time::SystemTime,
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use confab::{
@@ -20,12 +26,13 @@ use confab::{
     pb::{self, PresenceKind},
 };
 use dashmap::{DashMap, mapref::entry::Entry};
-use tokio::sync::broadcast;
+use futures::{FutureExt as _, future::Shared};
+use tokio::sync::{broadcast, oneshot};
 
 use crate::{
     cursor::Cursor,
     error::ChatError,
-    store::{RoomRecord, Store, StoreError},
+    store::{Committed, RoomRecord, Store, StoreError, on_commit},
     validate::Outgoing,
 };
 
@@ -37,7 +44,12 @@ pub struct HubConfig {
     pub ring_capacity: usize,
     /// Messages replayed to a join that does not resume from a seq.
     pub history_on_join: u64,
+    /// How long a `client_msg_id` is recognised as a retry.
+    pub dedupe_window: Duration,
 }
+
+/// Idempotency keys remembered per room in memory; older ones are found in the store.
+const RECENT_SENDS: usize = 4096;
 
 /// One event on a room's ring. Cloning it (once per reader) only bumps reference counts.
 #[derive(Debug, Clone)]
@@ -64,20 +76,68 @@ pub struct Published {
 pub struct Room {
     /// The room's name (validated; never changes).
     name: String,
-    /// The fan-out ring. Every reader holds a `Receiver`: a position in it.
+    /// The fan-out ring. Every reader holds a `Receiver`: a position in it. Only
+    /// committed messages are published, in seq order.
     events: broadcast::Sender<RoomEvent>,
-    /// Seq, topic and members. A std `Mutex`: held for a few operations, never across an
-    /// `.await`, and it is what orders appends, so seqs are assigned without holes.
+    /// The seq of the newest committed message: what readers may be given. Advanced by
+    /// the store's callback before it publishes, so a reader that subscribes and then
+    /// reads it finds every message either at or below it or on the ring.
+    committed: AtomicU64,
+    /// Seq, topic, members, recent idempotency keys. A std `Mutex`: held for a few
+    /// operations, never across an `.await`, and it is what orders appends, so seqs are
+    /// assigned without holes and reach the store in order.
     state: Mutex<RoomState>,
 }
 
 #[derive(Debug)]
 struct RoomState {
-    /// What the store keeps about the room; `head_seq` is the last assigned seq.
+    /// What the store keeps about the room; `head_seq` is the last *assigned* seq, which
+    /// may be ahead of `Room::committed` while a group commit is under way.
     record: RoomRecord,
     /// Present users and how many of their streams joined. A `BTreeMap` so that member
     /// lists come out sorted, as `ListMembers` pages them.
     members: BTreeMap<String, usize>,
+    /// Recent idempotency keys, including those whose message is not committed yet (the
+    /// store cannot see those), so a quick retry waits for the original instead of being
+    /// stored twice.
+    recent: RecentSends,
+}
+
+/// The outcome of a commit, awaitable by the sender and by any retry of the same key.
+type Commit = Shared<oneshot::Receiver<Result<(), StoreError>>>;
+
+/// Recent `(sender, client_msg_id)` → seq, oldest first.
+#[derive(Debug, Default)]
+struct RecentSends {
+    by_key: HashMap<(String, String), (u64, Instant, Commit)>,
+    order: VecDeque<(String, String)>,
+}
+
+impl RecentSends {
+    fn get(&self, key: &(String, String), window: Duration) -> Option<(u64, Commit)> {
+        let (seq, at, commit) = self.by_key.get(key)?;
+        (at.elapsed() < window).then(|| (*seq, commit.clone()))
+    }
+
+    fn insert(&mut self, key: (String, String), seq: u64, commit: Commit, committed: u64) {
+        self.order.push_back(key.clone());
+        self.by_key.insert(key, (seq, Instant::now(), commit));
+        // Forget the oldest keys once their message is committed (the store finds them
+        // from then on); one still in flight is kept, however many there are.
+        while self.order.len() > RECENT_SENDS {
+            let oldest = &self.order[0];
+            if self
+                .by_key
+                .get(oldest)
+                .is_some_and(|(seq, ..)| *seq > committed)
+            {
+                break;
+            }
+            if let Some(oldest) = self.order.pop_front() {
+                self.by_key.remove(&oldest);
+            }
+        }
+    }
 }
 
 fn now() -> prost_types::Timestamp {
@@ -90,9 +150,11 @@ impl Room {
         Self {
             name: record.name.clone(),
             events,
+            committed: AtomicU64::new(record.head_seq),
             state: Mutex::new(RoomState {
                 record,
                 members: BTreeMap::new(),
+                recent: RecentSends::default(),
             }),
         }
     }
@@ -108,14 +170,14 @@ impl Room {
         &self.name
     }
 
-    /// The seq of the newest message.
+    /// The seq of the newest committed message.
     pub fn head_seq(&self) -> u64 {
-        self.state().record.head_seq
+        self.committed.load(Ordering::SeqCst)
     }
 
     /// The room as the protocol describes it.
     pub fn info(&self) -> pb::RoomInfo {
-        info(&self.state())
+        info(&self.state(), self.head_seq())
     }
 
     /// Up to `limit` present users after `after` (exclusive), in order, and whether more follow.
@@ -124,38 +186,75 @@ impl Room {
         page(state.members.keys(), after, limit)
     }
 
-    /// Appends a message from `sender`, unless its idempotency key was seen already.
-    fn append(
-        &self,
+    /// Appends a message from `sender`, unless its idempotency key was seen already;
+    /// resolves once the message (or the original it repeats) is committed.
+    async fn append(
+        self: &Arc<Self>,
         store: &dyn Store,
         sender: &str,
         message: Outgoing,
+        dedupe_window: Duration,
     ) -> Result<Published, ChatError> {
-        let mut state = self.state();
-        if let Some(seq) = store.find_sent(&self.name, sender, &message.client_msg_id)? {
-            return Ok(Published {
-                seq,
-                duplicate: true,
-            });
+        let (seq, duplicate, commit) = {
+            let mut state = self.state();
+            let key = (sender.to_owned(), message.client_msg_id.clone());
+            if let Some((seq, commit)) = state.recent.get(&key, dedupe_window) {
+                (seq, true, commit)
+            } else if let Some(seq) = store.find_sent(
+                &self.name,
+                sender,
+                &message.client_msg_id,
+                SystemTime::now() - dedupe_window,
+            )? {
+                // Found in the store: committed already.
+                return Ok(Published {
+                    seq,
+                    duplicate: true,
+                });
+            } else {
+                let seq = state.record.head_seq + 1;
+                state.record.head_seq = seq;
+                let stored = ChatMessage::new(ChatMessageRecord {
+                    room: self.name.clone(),
+                    seq,
+                    sender: sender.to_owned(),
+                    text: message.text,
+                    kind: message.kind as i32,
+                    client_msg_id: message.client_msg_id,
+                    sent_at: Some(now()),
+                });
+                let (tx, rx) = oneshot::channel();
+                let commit = rx.shared();
+                state
+                    .recent
+                    .insert(key, seq, commit.clone(), self.head_seq());
+                // Called under the lock so the store gets each room's messages in seq order.
+                store.append(stored.clone(), self.on_committed(stored, tx));
+                (seq, false, commit)
+            }
+        };
+        match commit.await {
+            Ok(Ok(())) => Ok(Published { seq, duplicate }),
+            Ok(Err(error)) => Err(error.into()),
+            Err(_) => Err(StoreError("the store dropped a write".into()).into()),
         }
-        let seq = state.record.head_seq + 1;
-        let stored = ChatMessage::new(ChatMessageRecord {
-            room: self.name.clone(),
-            seq,
-            sender: sender.to_owned(),
-            text: message.text,
-            kind: message.kind as i32,
-            client_msg_id: message.client_msg_id,
-            sent_at: Some(now()),
-        });
-        store.append(&stored)?;
-        state.record.head_seq = seq;
-        // Published while the lock is held, so the ring is in seq order. `send` fails only
-        // when no one is reading, which is fine: the message is in the store.
-        let _ = self.events.send(RoomEvent::Message(stored));
-        Ok(Published {
-            seq,
-            duplicate: false,
+    }
+
+    /// What the store calls when `message` is committed: advance the committed seq, publish
+    /// it to the readers, and resolve the sender's wait. The store calls these in seq order.
+    fn on_committed(
+        self: &Arc<Self>,
+        message: ChatMessage,
+        sender: oneshot::Sender<Result<(), StoreError>>,
+    ) -> Committed {
+        let room = self.clone();
+        Box::new(move |result| {
+            if result.is_ok() {
+                room.committed.store(message.seq, Ordering::SeqCst);
+                // `send` fails only when no one is reading, which is fine.
+                let _ = room.events.send(RoomEvent::Message(message));
+            }
+            let _ = sender.send(result);
         })
     }
 
@@ -174,8 +273,10 @@ impl Room {
     ///
     /// With `after_seq`, the cursor replays exactly the messages after it; without, the
     /// last `history` messages. Both then go live without a gap or a duplicate: the cursor
-    /// subscribes to the ring under the same lock that reads the head seq, so every
-    /// message is either at or below the head (replayed from the store) or on the ring.
+    /// subscribes to the ring *before* it reads the committed seq, and the store's callback
+    /// advances that seq *before* it publishes, so every message is either at or below the
+    /// seq read (replayed from the store) or still to come on the ring (or both: the
+    /// cursor drops what it has already delivered).
     pub fn join(
         self: &Arc<Self>,
         store: Arc<dyn Store>,
@@ -185,7 +286,7 @@ impl Room {
     ) -> (pb::Joined, Cursor, Presence) {
         let mut state = self.state();
         let live = self.events.subscribe();
-        let head = state.record.head_seq;
+        let head = self.head_seq();
         let start_after = match after_seq {
             // A client that saw more than exists (the server lost its memory) gets live
             // messages only; there is nothing to replay.
@@ -198,7 +299,7 @@ impl Room {
             self.presence(user, PresenceKind::Joined);
         }
         let joined = pb::Joined {
-            room: Some(info(&state)),
+            room: Some(info(&state, head)),
             members: state.members.keys().cloned().collect(),
             replay_from_seq: start_after + 1,
         };
@@ -220,10 +321,8 @@ impl Room {
 
     /// Opens a read-only cursor (no presence): after `after_seq`, or live from the head.
     pub fn tail(self: &Arc<Self>, store: Arc<dyn Store>, after_seq: Option<u64>) -> Cursor {
-        let state = self.state();
         let live = self.events.subscribe();
-        let head = state.record.head_seq;
-        drop(state);
+        let head = self.head_seq();
         let start_after = after_seq.map_or(head, |seq| seq.min(head));
         Cursor::new(self.clone(), store, live, start_after, head, None)
     }
@@ -255,12 +354,12 @@ impl Room {
     }
 }
 
-fn info(state: &RoomState) -> pb::RoomInfo {
+fn info(state: &RoomState, head_seq: u64) -> pb::RoomInfo {
     let record = &state.record;
     pb::RoomInfo {
         name: record.name.clone(),
         topic: record.topic.clone(),
-        head_seq: record.head_seq,
+        head_seq,
         member_count: u32::try_from(state.members.len()).unwrap_or(u32::MAX),
         created_at: Some(record.created_at.into()),
         created_by: record.created_by.clone(),
@@ -338,31 +437,51 @@ impl Hub {
             .ok_or_else(|| ChatError::room_not_found(field, name))
     }
 
-    /// Creates room `name`; ALREADY_EXISTS if it exists.
-    pub fn create_room(
+    /// Creates room `name`; ALREADY_EXISTS if it exists. Resolves once it is stored.
+    pub async fn create_room(
         &self,
         name: &str,
         topic: &str,
         creator: &str,
     ) -> Result<Arc<Room>, ChatError> {
-        match self.rooms.entry(name.to_owned()) {
-            Entry::Occupied(_) => Err(ChatError::RoomExists(name.to_owned())),
-            Entry::Vacant(slot) => Ok(slot.insert(self.new_room(name, topic, creator)?).clone()),
-        }
+        let (room, stored) = match self.rooms.entry(name.to_owned()) {
+            Entry::Occupied(_) => return Err(ChatError::RoomExists(name.to_owned())),
+            Entry::Vacant(slot) => {
+                let (room, stored) = self.new_room(name, topic, creator);
+                (slot.insert(room).clone(), stored)
+            }
+        };
+        stored.await?;
+        Ok(room)
     }
 
     /// The room `name`, created (by `creator`, without a topic) if it does not exist.
-    pub fn open_room(&self, name: &str, creator: &str) -> Result<Arc<Room>, ChatError> {
+    pub async fn open_room(&self, name: &str, creator: &str) -> Result<Arc<Room>, ChatError> {
         if let Some(room) = self.rooms.get(name) {
             return Ok(room.clone());
         }
-        match self.rooms.entry(name.to_owned()) {
-            Entry::Occupied(room) => Ok(room.get().clone()),
-            Entry::Vacant(slot) => Ok(slot.insert(self.new_room(name, "", creator)?).clone()),
-        }
+        let (room, stored) = match self.rooms.entry(name.to_owned()) {
+            Entry::Occupied(room) => return Ok(room.get().clone()),
+            Entry::Vacant(slot) => {
+                let (room, stored) = self.new_room(name, "", creator);
+                (slot.insert(room).clone(), stored)
+            }
+        };
+        stored.await?;
+        Ok(room)
     }
 
-    fn new_room(&self, name: &str, topic: &str, creator: &str) -> Result<Arc<Room>, ChatError> {
+    /// A new room, and the wait for its record to be stored. The write is queued while the
+    /// map's entry is held, so it reaches the store before any message of the room.
+    fn new_room(
+        &self,
+        name: &str,
+        topic: &str,
+        creator: &str,
+    ) -> (
+        Arc<Room>,
+        impl std::future::Future<Output = Result<(), StoreError>> + use<>,
+    ) {
         let record = RoomRecord {
             name: name.to_owned(),
             topic: topic.to_owned(),
@@ -370,9 +489,11 @@ impl Hub {
             created_by: creator.to_owned(),
             head_seq: 0,
         };
-        self.store.create_room(&record)?;
+        let room = Arc::new(Room::new(record.clone(), self.config.ring_capacity));
+        let (done, stored) = on_commit();
+        self.store.create_room(record, done);
         tracing::info!(room = name, by = creator, "room created");
-        Ok(Arc::new(Room::new(record, self.config.ring_capacity)))
+        (room, stored)
     }
 
     /// Up to `limit` rooms after `after` (exclusive) in name order, and whether more follow.
@@ -387,16 +508,22 @@ impl Hub {
         (rooms, more)
     }
 
-    /// Appends `message` from `sender` to its room (which must exist).
-    pub fn publish(
+    /// Appends `message` from `sender` to its room (which must exist); resolves once it is
+    /// committed.
+    pub async fn publish(
         &self,
         field: &str,
         sender: &str,
         message: Outgoing,
     ) -> Result<Published, ChatError> {
         let room = self.room(field, &message.room)?;
-        let published = room.append(self.store.as_ref(), sender, message)?;
-        Ok(published)
+        room.append(
+            self.store.as_ref(),
+            sender,
+            message,
+            self.config.dedupe_window,
+        )
+        .await
     }
 }
 
@@ -410,18 +537,18 @@ mod tests {
     use crate::{cursor::Delivery, store::MemoryStore};
 
     fn hub(ring_capacity: usize) -> Hub {
-        let store = Arc::new(MemoryStore::new(Duration::from_secs(600)));
         Hub::new(
-            store,
+            Arc::new(MemoryStore::new()),
             HubConfig {
                 ring_capacity,
                 history_on_join: 3,
+                dedupe_window: Duration::from_secs(600),
             },
         )
         .unwrap()
     }
 
-    fn say(hub: &Hub, room: &str, text: &str) -> Published {
+    async fn say(hub: &Hub, room: &str, text: &str) -> Published {
         hub.publish(
             "room",
             "alice",
@@ -432,6 +559,7 @@ mod tests {
                 kind: MessageKind::Text,
             },
         )
+        .await
         .unwrap()
     }
 
@@ -445,13 +573,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn seqs_count_up_without_holes_and_retries_are_deduplicated() {
+    #[tokio::test]
+    async fn seqs_count_up_without_holes_and_retries_are_deduplicated() {
         let hub = hub(16);
-        hub.open_room("r", "alice").unwrap();
-        assert_eq!(say(&hub, "r", "a").seq, 1);
-        assert_eq!(say(&hub, "r", "b").seq, 2);
-        let retry = say(&hub, "r", "a");
+        hub.open_room("r", "alice").await.unwrap();
+        assert_eq!(say(&hub, "r", "a").await.seq, 1);
+        assert_eq!(say(&hub, "r", "b").await.seq, 2);
+        let retry = say(&hub, "r", "a").await;
         assert_eq!(
             retry,
             Published {
@@ -459,16 +587,16 @@ mod tests {
                 duplicate: true
             }
         );
-        assert_eq!(say(&hub, "r", "c").seq, 3);
+        assert_eq!(say(&hub, "r", "c").await.seq, 3);
     }
 
     #[tokio::test]
     async fn a_lagging_cursor_reads_what_it_missed_from_the_store() {
         let hub = hub(4);
-        let room = hub.open_room("r", "alice").unwrap();
+        let room = hub.open_room("r", "alice").await.unwrap();
         let mut cursor = room.tail(hub.store().clone(), Some(0));
         for i in 0..50 {
-            say(&hub, "r", &i.to_string());
+            say(&hub, "r", &i.to_string()).await;
         }
         for expected in 1..=50 {
             assert_eq!(next_seq(&mut cursor).await, expected);
@@ -478,14 +606,14 @@ mod tests {
     #[tokio::test]
     async fn join_replays_recent_history_then_goes_live() {
         let hub = hub(16);
-        let room = hub.open_room("r", "alice").unwrap();
+        let room = hub.open_room("r", "alice").await.unwrap();
         for i in 0..10 {
-            say(&hub, "r", &i.to_string());
+            say(&hub, "r", &i.to_string()).await;
         }
         let (joined, mut cursor, _presence) = room.join(hub.store().clone(), "bob", None, 3);
         assert_eq!(joined.replay_from_seq, 8);
         assert_eq!(joined.members, vec!["bob".to_string()]);
-        say(&hub, "r", "live");
+        say(&hub, "r", "live").await;
         for expected in 8..=11 {
             assert_eq!(next_seq(&mut cursor).await, expected);
         }
@@ -494,7 +622,7 @@ mod tests {
     #[tokio::test]
     async fn dropping_the_last_presence_leaves_the_room() {
         let hub = hub(16);
-        let room = hub.open_room("r", "alice").unwrap();
+        let room = hub.open_room("r", "alice").await.unwrap();
         let mut watcher = room.tail(hub.store().clone(), None);
         let (_, _, first) = room.join(hub.store().clone(), "bob", None, 0);
         let (_, _, second) = room.join(hub.store().clone(), "bob", None, 0);

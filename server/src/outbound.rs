@@ -5,21 +5,25 @@
 //! channel is small: tonic polls it only when HTTP/2 flow control lets the response
 //! stream carry more, so when a client stops reading, `send` waits, the task stops pulling
 //! from its cursors, and nothing piles up in memory. Every wait also watches the server's
-//! shutdown, so a stalled client cannot hold a drain up.
+//! shutdown, so a stalled client cannot hold a drain up, and is bounded by the stall
+//! timeout: a client that reads nothing for that long is ended with RESOURCE_EXHAUSTED
+//! and can resume from the last seq it got.
+//!
+//! Two slots of the channel are reserved when it is made, for the stream's last words
+//! (the reconnect notice and the final status), so those always get through, in order
+//! after everything already queued, even to a client that has stopped reading.
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, OwnedPermit};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::error::ChatError;
+
 /// Events a stream holds before its task waits for the client to read.
 pub const OUTBOUND_BUFFER: usize = 32;
-
-/// How long the last words of a stream (reconnect notice, final status) may wait for a
-/// client that is not reading; after that the stream is dropped.
-const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a client should wait before reconnecting after a shutdown.
 pub const RECONNECT_AFTER: Duration = Duration::from_secs(1);
@@ -41,23 +45,55 @@ pub enum End {
 pub struct Outbound<T> {
     /// Events to the client; the last item may be an error status that ends the call.
     tx: mpsc::Sender<Result<T, Status>>,
+    /// Two reserved slots for the last words.
+    farewell: [OwnedPermit<Result<T, Status>>; 2],
     /// The server's drain signal.
     shutdown: CancellationToken,
+    /// How long one send may wait for a client that is not reading.
+    stall_timeout: Duration,
 }
 
 impl<T: Send + 'static> Outbound<T> {
     /// A new stream: the `Outbound` for the task, the `ReceiverStream` for tonic.
-    pub fn channel(shutdown: CancellationToken) -> (Self, ReceiverStream<Result<T, Status>>) {
-        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-        (Self { tx, shutdown }, ReceiverStream::new(rx))
+    pub fn channel(
+        shutdown: CancellationToken,
+        stall_timeout: Duration,
+    ) -> (Self, ReceiverStream<Result<T, Status>>) {
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER + 2);
+        let reserve = || {
+            tx.clone()
+                .try_reserve_owned()
+                .expect("a new channel has room for its reserved slots")
+        };
+        let farewell = [reserve(), reserve()];
+        let out = Self {
+            tx,
+            farewell,
+            shutdown,
+            stall_timeout,
+        };
+        (out, ReceiverStream::new(rx))
     }
 
-    /// Sends one event, waiting while the client is not reading.
+    /// Sends one event, waiting while the client is not reading (up to the stall timeout).
     pub async fn send(&self, event: T) -> Result<(), End> {
         tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => Err(End::Shutdown),
-            sent = self.tx.send(Ok(event)) => sent.map_err(|_| End::ClientGone),
+            sent = tokio::time::timeout(self.stall_timeout, self.tx.send(Ok(event))) => match sent {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::ClientGone),
+                Err(_) => Err(End::Failed(
+                    ChatError::ResourceExhausted {
+                        description: format!(
+                            "the client read nothing for {:?}; resume after the last seq received",
+                            self.stall_timeout
+                        ),
+                        retry_after: None,
+                    }
+                    .into(),
+                )),
+            },
         }
     }
 
@@ -73,21 +109,16 @@ impl<T: Send + 'static> Outbound<T> {
 
     /// Ends the stream as `end` says; `reconnect` is the event that tells a client to
     /// reconnect on shutdown.
-    pub async fn finish(self, end: End, reconnect: impl FnOnce() -> T) {
-        let last_words = match end {
-            End::ClientDone | End::ClientGone => return,
-            End::Shutdown => vec![
-                Ok(reconnect()),
-                Err(Status::unavailable(
-                    "the server is shutting down; reconnect",
-                )),
-            ],
-            End::Failed(status) => vec![Err(status)],
-        };
-        for item in last_words {
-            let sent = tokio::time::timeout(FAREWELL_TIMEOUT, self.tx.send(item)).await;
-            if !matches!(sent, Ok(Ok(()))) {
-                return;
+    pub fn finish(self, end: End, reconnect: impl FnOnce() -> T) {
+        let [first, second] = self.farewell;
+        match end {
+            End::ClientDone | End::ClientGone => {}
+            End::Shutdown => {
+                first.send(Ok(reconnect()));
+                second.send(Err(ChatError::ShuttingDown.into()));
+            }
+            End::Failed(status) => {
+                first.send(Err(status));
             }
         }
     }

@@ -21,7 +21,7 @@ use crate::{
     config::Config,
     hub::{Hub, HubConfig},
     service::ChatServer,
-    store::{MemoryStore, StoreError},
+    store::{MemoryStore, SqliteStore, Store, StoreError, on_commit},
 };
 
 /// Why the server could not run.
@@ -57,12 +57,19 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let store = Arc::new(MemoryStore::new(config.dedupe_window));
+    let store: Arc<dyn Store> = if config.in_memory {
+        tracing::info!("storage: in memory (nothing will survive this process)");
+        Arc::new(MemoryStore::new())
+    } else {
+        tracing::info!(data_dir = %config.data_dir.display(), "storage: SQLite");
+        Arc::new(SqliteStore::open(&config.data_dir)?)
+    };
     let hub = Arc::new(Hub::new(
-        store,
+        store.clone(),
         HubConfig {
             ring_capacity: config.ring_capacity,
             history_on_join: config.history_on_join,
+            dedupe_window: config.dedupe_window,
         },
     )?);
     let tokens = Arc::new(Tokens::ephemeral(config.token_ttl));
@@ -75,6 +82,7 @@ pub async fn run(
         nicknames.clone(),
         drain.clone(),
         config.max_text_bytes,
+        config.stall_timeout,
     );
     let chat = ChatServiceServer::new(chat)
         .max_decoding_message_size(config.max_message_bytes)
@@ -98,6 +106,23 @@ pub async fn run(
             }
         })
     };
+
+    let retention = config.retention();
+    let retainer = retention.is_enabled().then(|| {
+        let store = store.clone();
+        let period = config.retention_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let (done, applied) = on_commit();
+                store.apply_retention(retention, done);
+                if let Err(error) = applied.await {
+                    tracing::error!(%error, "retention failed");
+                }
+            }
+        })
+    });
 
     let signal = {
         let drain = drain.clone();
@@ -135,6 +160,16 @@ pub async fn run(
         }
     };
     pruner.abort();
+    if let Some(retainer) = retainer {
+        retainer.abort();
+    }
+    // Every acked message is committed already; closing checkpoints the WAL.
+    if tokio::task::spawn_blocking(move || store.close())
+        .await
+        .is_err()
+    {
+        tracing::error!("closing the store panicked");
+    }
     tracing::info!(addr = ?local, "server stopped");
     result
 }

@@ -41,6 +41,8 @@ pub struct ChatServer {
     shutdown: CancellationToken,
     /// The longest message text, in bytes.
     max_text_bytes: usize,
+    /// How long a stream may wait for a client that reads nothing.
+    stall_timeout: std::time::Duration,
 }
 
 impl ChatServer {
@@ -51,6 +53,7 @@ impl ChatServer {
         nicknames: Arc<Nicknames>,
         shutdown: CancellationToken,
         max_text_bytes: usize,
+        stall_timeout: std::time::Duration,
     ) -> Self {
         Self {
             hub,
@@ -58,6 +61,7 @@ impl ChatServer {
             nicknames,
             shutdown,
             max_text_bytes,
+            stall_timeout,
         }
     }
 
@@ -67,8 +71,8 @@ impl ChatServer {
         self.hub.room(field, name)
     }
 
-    /// Checks and appends one message from `sender`.
-    fn publish(
+    /// Checks and appends one message from `sender`; resolves once it is committed.
+    async fn publish(
         &self,
         sender: &str,
         message: Option<pb::OutgoingMessage>,
@@ -78,7 +82,7 @@ impl ChatServer {
         let message = validate::outgoing(message, self.max_text_bytes)
             .map_err(|v| ChatError::InvalidArgument(v.within("message")))?;
         let room = message.room.clone();
-        let published = self.hub.publish("message.room", sender, message)?;
+        let published = self.hub.publish("message.room", sender, message).await?;
         Ok((room, published))
     }
 }
@@ -156,7 +160,8 @@ impl ChatService for ChatServer {
         validate::topic("topic", &request.topic).map_err(ChatError::from)?;
         let room = self
             .hub
-            .create_room(&request.room, &request.topic, &user.nickname)?;
+            .create_room(&request.room, &request.topic, &user.nickname)
+            .await?;
         Ok(Response::new(pb::CreateRoomResponse {
             room: Some(room.info()),
         }))
@@ -209,22 +214,40 @@ impl ChatService for ChatServer {
             };
         let store = self.hub.store();
         let head = room.head_seq();
-        let (messages, next) = match direction {
+        // Everything below the oldest stored seq was removed by retention.
+        let oldest = store
+            .first_seq(room.name())
+            .map_err(ChatError::from)?
+            .unwrap_or(head + 1);
+        let gap = |from: u64, to: u64| {
+            (from <= to).then(|| pb::HistoryGap {
+                room: room.name().to_owned(),
+                from_seq: from,
+                to_seq: to,
+            })
+        };
+        let (messages, next, gap) = match direction {
             pb::HistoryDirection::Forward => {
                 let after = start.unwrap_or(0);
                 let messages = store
                     .read_after(room.name(), after, size)
                     .map_err(ChatError::from)?;
                 let next = messages.last().map(|m| m.seq).filter(|&last| last < head);
-                (messages, next.map(|seq| format!("f:{seq}")))
+                let gap = gap(after + 1, oldest.min(head + 1) - 1);
+                (messages, next.map(|seq| format!("f:{seq}")), gap)
             }
             pb::HistoryDirection::Backward | pb::HistoryDirection::Unspecified => {
                 let before = start.unwrap_or(head.saturating_add(1));
                 let messages = store
                     .read_before(room.name(), before, size)
                     .map_err(ChatError::from)?;
-                let next = messages.first().map(|m| m.seq).filter(|&first| first > 1);
-                (messages, next.map(|seq| format!("b:{seq}")))
+                let lowest = messages.first().map_or(before, |m| m.seq);
+                if lowest > oldest {
+                    (messages, Some(format!("b:{lowest}")), None)
+                } else {
+                    let gap = gap(1, oldest.min(before) - 1);
+                    (messages, None, gap)
+                }
             }
         };
         Ok(Response::new(pb::GetHistoryResponse {
@@ -232,7 +255,7 @@ impl ChatService for ChatServer {
             next_page_token: next
                 .map(|position| pagination::encode("history", room.name(), &position))
                 .unwrap_or_default(),
-            gap: None,
+            gap,
         }))
     }
 
@@ -241,7 +264,9 @@ impl ChatService for ChatServer {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let user = caller(&request)?;
-        let (_, published) = self.publish(&user.nickname, request.into_inner().message)?;
+        let (_, published) = self
+            .publish(&user.nickname, request.into_inner().message)
+            .await?;
         Ok(Response::new(pb::PublishResponse {
             seq: published.seq,
             duplicate: published.duplicate,
@@ -269,7 +294,7 @@ impl ChatService for ChatServer {
                 .as_ref()
                 .map(|m| m.client_msg_id.clone())
                 .unwrap_or_default();
-            match self.publish(&user.nickname, item.message) {
+            match self.publish(&user.nickname, item.message).await {
                 Ok((room, published)) => {
                     summary.accepted += 1;
                     let range = ranges.entry(room).or_insert((published.seq, published.seq));
@@ -333,7 +358,7 @@ impl ChatService for ChatServer {
                 Box::pin(cursor.into_stream()) as DeliveryStream,
             );
         }
-        let (out, stream) = Outbound::channel(self.shutdown.clone());
+        let (out, stream) = Outbound::channel(self.shutdown.clone(), self.stall_timeout);
         let span =
             tracing::info_span!("subscribe", user = %user.nickname, rooms = request.rooms.len());
         tokio::spawn(tail(cursors, out).instrument(span));
@@ -353,7 +378,7 @@ impl ChatService for ChatServer {
         let claim = self.nicknames.open_stream(&user);
         let span = tracing::info_span!("chat", user = %user.nickname);
         let session = Session::new(self.hub.clone(), user, claim, self.max_text_bytes);
-        let (out, stream) = Outbound::channel(self.shutdown.clone());
+        let (out, stream) = Outbound::channel(self.shutdown.clone(), self.stall_timeout);
         tokio::spawn(session.run(request.into_inner(), out).instrument(span));
         Ok(Response::new(stream))
     }
@@ -413,6 +438,5 @@ async fn tail(
     drop(cursors);
     out.finish(end, || pb::SubscribeResponse {
         event: Some(Event::Reconnect(reconnect_notice())),
-    })
-    .await;
+    });
 }

@@ -83,8 +83,7 @@ impl Session {
         // client is too stalled to take them.
         drop(cursors);
         self.rooms.clear();
-        out.finish(end, || push(Event::Reconnect(reconnect_notice())))
-            .await;
+        out.finish(end, || push(Event::Reconnect(reconnect_notice())));
     }
 
     /// Applies one client frame and sends its reply.
@@ -100,7 +99,7 @@ impl Session {
                 "command",
                 "the frame has no command: set one of join, leave, send, typing, ping",
             )),
-            Some(Command::Join(join)) => match self.join(join) {
+            Some(Command::Join(join)) => match self.join(join).await {
                 Ok((joined, room, stream)) => {
                     // The reply goes out before the room's first event, so a client always
                     // sees `joined` before the history that follows it.
@@ -117,6 +116,7 @@ impl Session {
                 .map_err(|e| e.within("leave")),
             Some(Command::Send(message)) => self
                 .send(message)
+                .await
                 .map(|ack| Some(Event::Ack(ack)))
                 .map_err(|e| e.within("send")),
             Some(Command::Typing(typing)) => self
@@ -139,7 +139,7 @@ impl Session {
         }
     }
 
-    fn join(
+    async fn join(
         &mut self,
         join: pb::JoinRoom,
     ) -> Result<(pb::Joined, String, DeliveryStream), ChatError> {
@@ -150,7 +150,7 @@ impl Session {
                 format!("room {:?} is already joined on this stream", join.room),
             ));
         }
-        let room = self.hub.open_room(&join.room, &self.user.nickname)?;
+        let room = self.hub.open_room(&join.room, &self.user.nickname).await?;
         let (joined, cursor, presence) = room.join(
             self.hub.store().clone(),
             &self.user.nickname,
@@ -172,13 +172,16 @@ impl Session {
         Ok(room.to_owned())
     }
 
-    fn send(&mut self, message: pb::OutgoingMessage) -> Result<pb::Ack, ChatError> {
+    async fn send(&mut self, message: pb::OutgoingMessage) -> Result<pb::Ack, ChatError> {
         let message =
             validate::outgoing(message, self.max_text_bytes).map_err(ChatError::InvalidArgument)?;
         self.joined("room", &message.room)?;
         let room = message.room.clone();
         let client_msg_id = message.client_msg_id.clone();
-        let published = self.hub.publish("room", &self.user.nickname, message)?;
+        let published = self
+            .hub
+            .publish("room", &self.user.nickname, message)
+            .await?;
         Ok(pb::Ack {
             room,
             client_msg_id,

@@ -1,77 +1,73 @@
-//! [`MemoryStore`]: rooms and logs in memory. Nothing survives the process.
+//! [`MemoryStore`]: rooms and logs in memory (`--in-memory`). Nothing survives the process.
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Mutex,
-    time::{Duration, Instant},
+    sync::{Mutex, MutexGuard},
+    time::SystemTime,
 };
 
 use confab::ChatMessage;
 
-use super::{RoomRecord, Store, StoreError};
+use super::{Committed, Retention, RoomRecord, Store, StoreError, sent_at};
 
-/// A store that keeps everything in memory.
+/// A store that keeps everything in memory. Writes are "committed" the moment they are
+/// made, so their callbacks run inline.
 ///
-/// std `Mutex`es, not tokio's: every critical section is a few map operations and is never
+/// A std `Mutex`, not tokio's: every critical section is a few map operations and is never
 /// held across an `.await`.
+#[derive(Default)]
 pub struct MemoryStore {
     /// Rooms by name, with their logs.
     rooms: Mutex<HashMap<String, MemoryRoom>>,
-    /// Idempotency keys seen within the dedupe window.
-    sent: Mutex<SentKeys>,
 }
 
 struct MemoryRoom {
     record: RoomRecord,
-    /// The log; the message with seq `n` is at index `n - 1`.
-    messages: Vec<ChatMessage>,
+    /// The retained log: consecutive seqs, oldest first.
+    messages: VecDeque<ChatMessage>,
+    /// `(sender, client_msg_id)` → seq, for the retained messages.
+    sent: HashMap<(String, String), u64>,
 }
 
-/// Idempotency keys, expiring after the dedupe window.
-struct SentKeys {
-    /// How long a key is remembered.
-    window: Duration,
-    /// `(room, sender, client_msg_id)` → seq.
-    seqs: HashMap<(String, String, String), u64>,
-    /// Keys in the order they were stored, for expiry.
-    order: VecDeque<(Instant, (String, String, String))>,
-}
+impl MemoryRoom {
+    /// The index of `seq` in `messages`, clamped to `0..=len`.
+    fn index(&self, seq: u64) -> usize {
+        let first = self
+            .messages
+            .front()
+            .map_or(self.record.head_seq + 1, |m| m.seq);
+        usize::try_from(seq.saturating_sub(first))
+            .unwrap_or(usize::MAX)
+            .min(self.messages.len())
+    }
 
-impl SentKeys {
-    fn expire(&mut self, now: Instant) {
-        while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < self.window {
-                break;
-            }
-            if let Some((_, key)) = self.order.pop_front() {
-                self.seqs.remove(&key);
-            }
+    fn drop_oldest(&mut self) {
+        if let Some(oldest) = self.messages.pop_front() {
+            self.sent
+                .remove(&(oldest.sender.clone(), oldest.client_msg_id.clone()));
         }
     }
 }
 
 impl MemoryStore {
-    /// An empty store that remembers idempotency keys for `dedupe_window`.
-    pub fn new(dedupe_window: Duration) -> Self {
-        Self {
-            rooms: Mutex::new(HashMap::new()),
-            sent: Mutex::new(SentKeys {
-                window: dedupe_window,
-                seqs: HashMap::new(),
-                order: VecDeque::new(),
-            }),
-        }
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, MemoryRoom>> {
-        // A panic while holding the lock cannot leave a map half-updated in a way that
-        // matters more than losing the server, so a poisoned lock is taken over.
+    fn rooms(&self) -> MutexGuard<'_, HashMap<String, MemoryRoom>> {
+        // Every update below completes before anything that can panic, so a poisoned lock
+        // still guards consistent data.
         self.rooms.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-fn unknown(room: &str) -> StoreError {
-    StoreError(format!("room {room:?} is not in the store"))
+    fn room<T>(&self, name: &str, read: impl FnOnce(&MemoryRoom) -> T) -> Result<T, StoreError> {
+        let rooms = self.rooms();
+        let room = rooms
+            .get(name)
+            .ok_or_else(|| StoreError(format!("room {name:?} is not in the store")))?;
+        Ok(read(room))
+    }
 }
 
 impl Store for MemoryStore {
@@ -79,45 +75,62 @@ impl Store for MemoryStore {
         Ok(self.rooms().values().map(|r| r.record.clone()).collect())
     }
 
-    fn create_room(&self, room: &RoomRecord) -> Result<(), StoreError> {
+    fn create_room(&self, room: RoomRecord, done: Committed) {
         self.rooms().insert(
             room.name.clone(),
             MemoryRoom {
-                record: room.clone(),
-                messages: Vec::new(),
+                record: room,
+                messages: VecDeque::new(),
+                sent: HashMap::new(),
             },
         );
-        Ok(())
+        done(Ok(()));
     }
 
-    fn append(&self, message: &ChatMessage) -> Result<(), StoreError> {
-        let mut rooms = self.rooms();
-        let room = rooms
-            .get_mut(&message.room)
-            .ok_or_else(|| unknown(&message.room))?;
-        if message.seq != room.messages.len() as u64 + 1 {
-            return Err(StoreError(format!(
-                "room {:?}: seq {} appended after {}",
-                message.room,
-                message.seq,
-                room.messages.len()
-            )));
-        }
-        room.messages.push(message.clone());
-        room.record.head_seq = message.seq;
-        drop(rooms);
+    fn append(&self, message: ChatMessage, done: Committed) {
+        let result = {
+            let mut rooms = self.rooms();
+            match rooms.get_mut(&message.room) {
+                None => Err(StoreError(format!(
+                    "room {:?} is not in the store",
+                    message.room
+                ))),
+                Some(room) if message.seq != room.record.head_seq + 1 => Err(StoreError(format!(
+                    "room {:?}: seq {} appended after {}",
+                    message.room, message.seq, room.record.head_seq
+                ))),
+                Some(room) => {
+                    room.record.head_seq = message.seq;
+                    room.sent.insert(
+                        (message.sender.clone(), message.client_msg_id.clone()),
+                        message.seq,
+                    );
+                    room.messages.push_back(message);
+                    Ok(())
+                }
+            }
+        };
+        done(result);
+    }
 
-        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        sent.expire(now);
-        let key = (
-            message.room.clone(),
-            message.sender.clone(),
-            message.client_msg_id.clone(),
-        );
-        sent.seqs.insert(key.clone(), message.seq);
-        sent.order.push_back((now, key));
-        Ok(())
+    fn apply_retention(&self, retention: Retention, done: Committed) {
+        let cutoff = retention
+            .max_age
+            .and_then(|age| SystemTime::now().checked_sub(age));
+        for room in self.rooms().values_mut() {
+            if let Some(max) = retention.max_messages {
+                let max = usize::try_from(max).unwrap_or(usize::MAX);
+                while room.messages.len() > max {
+                    room.drop_oldest();
+                }
+            }
+            if let Some(cutoff) = cutoff {
+                while room.messages.front().is_some_and(|m| sent_at(m) < cutoff) {
+                    room.drop_oldest();
+                }
+            }
+        }
+        done(Ok(()));
     }
 
     fn read_after(
@@ -126,13 +139,15 @@ impl Store for MemoryStore {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let rooms = self.rooms();
-        let log = &rooms.get(room).ok_or_else(|| unknown(room))?.messages;
-        let start = usize::try_from(after_seq)
-            .unwrap_or(usize::MAX)
-            .min(log.len());
-        let end = start.saturating_add(limit).min(log.len());
-        Ok(log[start..end].to_vec())
+        self.room(room, |room| {
+            let start = room.index(after_seq.saturating_add(1));
+            room.messages
+                .iter()
+                .skip(start)
+                .take(limit)
+                .cloned()
+                .collect()
+        })
     }
 
     fn read_before(
@@ -141,14 +156,15 @@ impl Store for MemoryStore {
         before_seq: u64,
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError> {
-        let rooms = self.rooms();
-        let log = &rooms.get(room).ok_or_else(|| unknown(room))?.messages;
-        // Messages with seq < before_seq are at indexes 0 .. before_seq - 1.
-        let end = usize::try_from(before_seq.saturating_sub(1))
-            .unwrap_or(usize::MAX)
-            .min(log.len());
-        let start = end.saturating_sub(limit);
-        Ok(log[start..end].to_vec())
+        self.room(room, |room| {
+            let end = room.index(before_seq);
+            let start = end.saturating_sub(limit);
+            room.messages.range(start..end).cloned().collect()
+        })
+    }
+
+    fn first_seq(&self, room: &str) -> Result<Option<u64>, StoreError> {
+        self.room(room, |room| room.messages.front().map(|m| m.seq))
     }
 
     fn find_sent(
@@ -156,10 +172,14 @@ impl Store for MemoryStore {
         room: &str,
         sender: &str,
         client_msg_id: &str,
+        since: SystemTime,
     ) -> Result<Option<u64>, StoreError> {
-        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-        sent.expire(Instant::now());
-        let key = (room.to_owned(), sender.to_owned(), client_msg_id.to_owned());
-        Ok(sent.seqs.get(&key).copied())
+        self.room(room, |room| {
+            let seq = *room
+                .sent
+                .get(&(sender.to_owned(), client_msg_id.to_owned()))?;
+            let message = room.messages.get(room.index(seq))?;
+            (sent_at(message) >= since).then_some(seq)
+        })
     }
 }

@@ -1,24 +1,59 @@
 //! Where rooms and their logs live: the [`Store`] trait and its engines.
 //!
-//! The hub is the only caller. It appends under the room's lock, so each room's messages
-//! reach the store in seq order; the store never assigns seqs itself. Reads return
-//! messages in ascending seq order.
+//! Writes are ordered and asynchronous. The hub calls [`Store::append`] under the room's
+//! lock, so each room's messages reach the store in seq order; the store never assigns
+//! seqs itself. Each write carries a [`Committed`] callback that the engine calls once the
+//! write is durable (or failed), in the order the writes were made. The hub publishes a
+//! message to its readers from that callback, so readers only ever see committed
+//! messages: a message seen before a crash is still there, with the same seq, after it.
 //!
-//! Engines: [`MemoryStore`] (everything in memory, lost on exit). The durable SQLite engine
-//! takes its place behind the same trait.
+//! Reads are synchronous and return messages in ascending seq order. They are short
+//! (one index range, at most a page) and see only committed data.
+//!
+//! Engines: [`SqliteStore`], the default (one SQLite file, one writer that commits in
+//! groups), and [`MemoryStore`] (`--in-memory`: nothing survives the process).
 
 mod memory;
+mod sqlite;
 
-use std::time::SystemTime;
+use std::{
+    future::Future,
+    time::{Duration, SystemTime},
+};
 
 use confab::ChatMessage;
+use tokio::sync::oneshot;
 
 pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
 
 /// A store failure. The client sees INTERNAL; the cause goes to the log.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
 pub struct StoreError(pub String);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> Self {
+        StoreError(error.to_string())
+    }
+}
+
+/// Called once a write is durable (`Ok`) or has failed, in the order writes were made.
+/// It runs on the engine's writer (or inline): it must be quick and must not block.
+pub type Committed = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// A [`Committed`] callback that resolves a future, for callers that just wait.
+pub fn on_commit() -> (Committed, impl Future<Output = Result<(), StoreError>>) {
+    let (tx, rx) = oneshot::channel();
+    let done: Committed = Box::new(move |result| {
+        let _ = tx.send(result);
+    });
+    let wait = async move {
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError("the store's writer stopped".into())))
+    };
+    (done, wait)
+}
 
 /// What the store keeps about a room besides its messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,8 +66,25 @@ pub struct RoomRecord {
     pub created_at: SystemTime,
     /// Who created it.
     pub created_by: String,
-    /// The seq of its newest message, 0 if none: where numbering continues after a restart.
+    /// The seq of its newest message ever, 0 if none: numbering continues from here after
+    /// a restart, even when retention removed every message.
     pub head_seq: u64,
+}
+
+/// How long and how much of each room's log to keep. `None` keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep at most this many newest messages per room.
+    pub max_messages: Option<u64>,
+    /// Remove messages older than this.
+    pub max_age: Option<Duration>,
+}
+
+impl Retention {
+    /// Whether any limit is set.
+    pub fn is_enabled(&self) -> bool {
+        self.max_messages.is_some() || self.max_age.is_some()
+    }
 }
 
 /// The storage engine behind the hub.
@@ -40,11 +92,14 @@ pub trait Store: Send + Sync + 'static {
     /// Every room, for the hub to load at start.
     fn rooms(&self) -> Result<Vec<RoomRecord>, StoreError>;
 
-    /// Records a new room. The hub has checked that the name is free.
-    fn create_room(&self, room: &RoomRecord) -> Result<(), StoreError>;
+    /// Records a new room; the hub has checked that the name is free.
+    fn create_room(&self, room: RoomRecord, done: Committed);
 
     /// Appends `message` to its room's log; called in seq order per room.
-    fn append(&self, message: &ChatMessage) -> Result<(), StoreError>;
+    fn append(&self, message: ChatMessage, done: Committed);
+
+    /// Removes what `retention` no longer keeps; `done` runs when that is durable.
+    fn apply_retention(&self, retention: Retention, done: Committed);
 
     /// Up to `limit` messages of `room` with seq > `after_seq`, oldest first.
     fn read_after(
@@ -63,12 +118,45 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError>;
 
-    /// The seq stored for `client_msg_id` from `sender` in `room`, if it was sent within
-    /// the dedupe window.
+    /// The seq of the oldest message of `room` still stored, if any.
+    fn first_seq(&self, room: &str) -> Result<Option<u64>, StoreError>;
+
+    /// The seq stored for `client_msg_id` from `sender` in `room`, if that message was
+    /// sent after `since`.
     fn find_sent(
         &self,
         room: &str,
         sender: &str,
         client_msg_id: &str,
+        since: SystemTime,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// Makes every write so far durable and stops accepting new ones (at shutdown).
+    fn close(&self) {}
+}
+
+/// Microseconds since the Unix epoch, as stored.
+pub(crate) fn to_micros(time: SystemTime) -> i64 {
+    match time.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// The inverse of [`to_micros`].
+pub(crate) fn from_micros(micros: i64) -> SystemTime {
+    let magnitude = Duration::from_micros(micros.unsigned_abs());
+    if micros >= 0 {
+        SystemTime::UNIX_EPOCH + magnitude
+    } else {
+        SystemTime::UNIX_EPOCH - magnitude
+    }
+}
+
+/// When a message was accepted (the epoch if it carries no time, which the hub never does).
+pub(crate) fn sent_at(message: &ChatMessage) -> SystemTime {
+    message
+        .sent_at
+        .and_then(|t| SystemTime::try_from(t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
