@@ -8,14 +8,21 @@
 //! * [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of `chat.v1`, for gRPC reflection.
 //! * [`Client`]: a typed client: connect, log in, unary calls, and [`ChatStream`], the
 //!   interactive session with request ids and idempotency keys filled in.
+//! * [`Conversation`]: a chat session that survives the network: it reconnects with
+//!   backoff, resumes every room after the last seq it delivered, and sends unacked
+//!   messages again under their original ids, so nothing is lost or repeated.
 //!
 //! The server is the `confab-server` crate; the protocol's guarantees are documented on
 //! the service in `proto/chat/v1/chat.proto`.
 
 pub mod client;
+pub mod conversation;
 mod message;
 
 pub use client::{ChatSender, ChatStream, Client, ClientError};
+pub use conversation::{
+    Backoff, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
+};
 pub use message::{ChatMessage, ChatMessageRecord, MessageKind};
 
 /// The `chat.v1` protocol, generated at build time from `proto/chat/v1/*.proto`.

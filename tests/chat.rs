@@ -465,7 +465,7 @@ async fn a_live_nickname_cannot_be_taken() {
 /// from the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
-    const MESSAGES: u64 = 5_000;
+    const MESSAGES: u64 = 20_000;
     let config = Config {
         ring_capacity: 16,
         ..Config::default()

@@ -58,20 +58,20 @@ impl Session {
     pub async fn run(mut self, mut inbound: Streaming<ChatRequest>, out: Outbound<ChatResponse>) {
         let mut cursors: StreamMap<String, DeliveryStream> = StreamMap::new();
         let end = loop {
+            // Shutdown and a vanished client come first; between the client's frames and
+            // the rooms' events the choice is fair, so a client sending a burst still
+            // receives, and a busy room does not keep a client from sending.
             let step = tokio::select! {
                 biased;
                 _ = out.shutdown() => Err(End::Shutdown),
                 _ = out.closed() => Err(End::ClientGone),
-                frame = inbound.message() => match frame {
-                    Ok(Some(frame)) => self.apply(frame, &out, &mut cursors).await,
-                    Ok(None) => Err(End::ClientDone),
-                    Err(status) => Err(inbound_failure(status)),
-                },
-                Some((room, delivery)) = cursors.next(), if !cursors.is_empty() => {
-                    match delivery {
-                        Ok(delivery) => out.send(push(chat_event(&room, delivery))).await,
-                        Err(error) => Err(End::Failed(error.into())),
-                    }
+                step = next_step(&mut inbound, &mut cursors) => step,
+            };
+            let step = match step {
+                Err(end) => Err(end),
+                Ok(Step::Frame(frame)) => self.apply(frame, &out, &mut cursors).await,
+                Ok(Step::Deliver(room, delivery)) => {
+                    out.send(push(chat_event(&room, delivery))).await
                 }
             };
             if let Err(end) = step {
@@ -210,6 +210,33 @@ impl Session {
             field,
             format!("room {room:?} is not joined on this stream; join it first"),
         ))
+    }
+}
+
+/// What the session does next.
+enum Step {
+    /// Apply a client frame.
+    Frame(ChatRequest),
+    /// Send a room's event.
+    Deliver(String, Delivery),
+}
+
+/// Waits for the next frame or room event, whichever comes first (fairly, when both are
+/// ready); the stream's end or failure ends the session.
+async fn next_step(
+    inbound: &mut Streaming<ChatRequest>,
+    cursors: &mut StreamMap<String, DeliveryStream>,
+) -> Result<Step, End> {
+    tokio::select! {
+        frame = inbound.message() => match frame {
+            Ok(Some(frame)) => Ok(Step::Frame(frame)),
+            Ok(None) => Err(End::ClientDone),
+            Err(status) => Err(inbound_failure(status)),
+        },
+        Some((room, delivery)) = cursors.next(), if !cursors.is_empty() => match delivery {
+            Ok(delivery) => Ok(Step::Deliver(room, delivery)),
+            Err(error) => Err(End::Failed(error.into())),
+        },
     }
 }
 

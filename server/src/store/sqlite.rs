@@ -64,8 +64,10 @@ const MIGRATIONS: &[&str] = &[
          sent_at_us    INTEGER NOT NULL,
          PRIMARY KEY (room, seq)
      ) STRICT, WITHOUT ROWID;
-     -- Idempotency keys: a retry is found by who sent what id, where.
-     CREATE INDEX messages_by_client_msg_id ON messages (room, sender, client_msg_id);",
+     -- Idempotency keys: a retry is found by who sent what id, where, and when. Covering
+     -- (the key carries seq), so SQLite prefers it to scanning the room by primary key.
+     CREATE INDEX messages_by_client_msg_id
+         ON messages (room, sender, client_msg_id, sent_at_us);",
 ];
 
 enum Write {
@@ -315,6 +317,11 @@ fn seq_from_sql(seq: i64) -> u64 {
     u64::try_from(seq).unwrap_or(0)
 }
 
+/// The idempotency lookup; it must use `messages_by_client_msg_id` (a test checks).
+const FIND_SENT: &str = "SELECT seq FROM messages
+     WHERE room = ?1 AND sender = ?2 AND client_msg_id = ?3 AND sent_at_us >= ?4
+     LIMIT 1";
+
 const MESSAGE_COLUMNS: &str = "seq, sender, text, kind, client_msg_id, sent_at_us";
 
 fn message(room: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
@@ -412,16 +419,12 @@ impl Store for SqliteStore {
         since: SystemTime,
     ) -> Result<Option<u64>, StoreError> {
         let seq: Option<i64> = self.read(|db| {
-            db.prepare_cached(
-                "SELECT seq FROM messages
-                 WHERE room = ?1 AND sender = ?2 AND client_msg_id = ?3 AND sent_at_us >= ?4
-                 LIMIT 1",
-            )?
-            .query_row(
-                params![room, sender, client_msg_id, to_micros(since)],
-                |row| row.get(0),
-            )
-            .optional()
+            db.prepare_cached(FIND_SENT)?
+                .query_row(
+                    params![room, sender, client_msg_id, to_micros(since)],
+                    |row| row.get(0),
+                )
+                .optional()
         })?;
         Ok(seq.map(seq_from_sql))
     }
@@ -571,6 +574,28 @@ mod tests {
             store.rooms().unwrap()[0].head_seq,
             10,
             "numbering survives retention"
+        );
+    }
+
+    #[test]
+    fn the_idempotency_lookup_uses_its_covering_index() {
+        // Without it, every send scans its room: appends slow down as the room grows.
+        let dir = tempfile::tempdir().unwrap();
+        let _store = SqliteStore::open(dir.path()).unwrap();
+        let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+        let plan: Vec<String> = db
+            .prepare(&format!("EXPLAIN QUERY PLAN {FIND_SENT}"))
+            .unwrap()
+            .query_map(params!["r", "alice", "id", 0], |row| row.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            plan,
+            [
+                "SEARCH messages USING COVERING INDEX messages_by_client_msg_id \
+              (room=? AND sender=? AND client_msg_id=? AND sent_at_us>?)"
+            ]
         );
     }
 

@@ -1,0 +1,487 @@
+//! [`Conversation`]: a chat session that survives the network.
+//!
+//! One task owns the connection. When the server goes away (it restarts, the network
+//! drops, it asks clients to reconnect), the task waits with exponential backoff and
+//! jitter, logs in again with its token (so it keeps its nickname), rejoins every room with
+//! `after_seq` = the last seq it delivered, and sends again every message not yet acked,
+//! with its original `client_msg_id`, so the server stores it once. Messages are delivered
+//! to the application in seq order per room, each once: anything at or below the last seq
+//! delivered is dropped.
+//!
+//! The application talks to the task through the [`Conversation`] handle and hears from
+//! it through a channel of [`ConversationEvent`]s, which include [`ConnectionState`]
+//! changes for a status line.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::Duration,
+};
+
+use rand::Rng as _;
+use tokio::sync::mpsc;
+use tonic::Code;
+
+use crate::{
+    Client, ClientError,
+    client::{ChatSender, new_client_msg_id},
+    pb::{self, ChatResponse, OutgoingMessage, chat_response::Event},
+};
+
+/// Events the application queues before `say` and friends wait.
+const COMMAND_QUEUE: usize = 256;
+/// Events queued for the application before the connection task waits for it.
+const EVENT_QUEUE: usize = 1024;
+
+/// How to reach the server and whom to be.
+#[derive(Debug, Clone)]
+pub struct ConversationConfig {
+    /// The server's address, `http://host:port`.
+    pub server: String,
+    /// The nickname to claim.
+    pub nickname: String,
+    /// Rooms to join from the start.
+    pub rooms: Vec<String>,
+    /// How long to wait between attempts.
+    pub backoff: Backoff,
+}
+
+impl ConversationConfig {
+    /// Settings for `nickname` at `server`, joining `rooms`, with the default backoff.
+    pub fn new(server: impl Into<String>, nickname: impl Into<String>, rooms: &[&str]) -> Self {
+        Self {
+            server: server.into(),
+            nickname: nickname.into(),
+            rooms: rooms.iter().map(|r| r.to_string()).collect(),
+            backoff: Backoff::default(),
+        }
+    }
+}
+
+/// Exponential backoff with jitter: attempt `n` waits between half and all of
+/// `min(max, initial * 2^n)`, so clients that lost the same server do not return in step.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The first wait.
+    pub initial: Duration,
+    /// The longest wait.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before attempt `attempt` (counting from 1 for the first retry).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+            .min(self.max);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+/// Where the connection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Connecting; `attempt` is 0 for the first try.
+    Connecting {
+        /// How many attempts failed before this one.
+        attempt: u32,
+    },
+    /// Connected and every room rejoined.
+    Connected {
+        /// True when every room resumed exactly after the last seq delivered (false when
+        /// the server no longer had some of the missed messages: a gap event said which).
+        /// Always true on the first connection.
+        resume_complete: bool,
+    },
+    /// The connection was lost; the next attempt comes after `retry_in`.
+    Disconnected {
+        /// What happened, for people.
+        reason: String,
+        /// The wait before the next attempt.
+        retry_in: Duration,
+    },
+}
+
+/// What a [`Conversation`] tells the application.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConversationEvent {
+    /// The connection changed state.
+    Connection(ConnectionState),
+    /// An event from the server, messages deduplicated across reconnects.
+    Server(ChatResponse),
+}
+
+enum Op {
+    Send(OutgoingMessage),
+    Join(String),
+    Leave(String),
+    Typing(String, bool),
+    Ping(i64),
+}
+
+/// The handle to a conversation; dropping it ends the conversation.
+#[derive(Clone)]
+pub struct Conversation {
+    ops: mpsc::Sender<Op>,
+}
+
+impl Conversation {
+    /// Starts the conversation; events arrive on the returned receiver.
+    pub fn start(config: ConversationConfig) -> (Self, mpsc::Receiver<ConversationEvent>) {
+        let (ops, op_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (events, event_rx) = mpsc::channel(EVENT_QUEUE);
+        let task = Task {
+            rooms: config.rooms.iter().map(|r| (r.clone(), None)).collect(),
+            config,
+            token: None,
+            pending: VecDeque::new(),
+            events,
+            ops: op_rx,
+        };
+        tokio::spawn(task.run());
+        (Self { ops }, event_rx)
+    }
+
+    async fn op(&self, op: Op) -> Result<(), ClientError> {
+        self.ops
+            .send(op)
+            .await
+            .map_err(|_| ClientError::StreamClosed)
+    }
+
+    /// Sends `text` to `room`; returns its `client_msg_id`. It is sent again after a
+    /// reconnect until the server acks it.
+    pub async fn say(&self, room: &str, text: &str) -> Result<String, ClientError> {
+        self.send(room, text, pb::MessageKind::Text).await
+    }
+
+    /// Sends a message of `kind` (text or action); returns its `client_msg_id`.
+    pub async fn send(
+        &self,
+        room: &str,
+        text: &str,
+        kind: pb::MessageKind,
+    ) -> Result<String, ClientError> {
+        let client_msg_id = new_client_msg_id();
+        self.op(Op::Send(OutgoingMessage {
+            room: room.to_owned(),
+            text: text.to_owned(),
+            client_msg_id: client_msg_id.clone(),
+            kind: kind as i32,
+        }))
+        .await?;
+        Ok(client_msg_id)
+    }
+
+    /// Joins `room` (and rejoins it after every reconnect).
+    pub async fn join(&self, room: &str) -> Result<(), ClientError> {
+        self.op(Op::Join(room.to_owned())).await
+    }
+
+    /// Leaves `room`.
+    pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
+        self.op(Op::Leave(room.to_owned())).await
+    }
+
+    /// Tells `room` this user is (or stopped) typing; dropped while disconnected.
+    pub async fn typing(&self, room: &str, typing: bool) -> Result<(), ClientError> {
+        self.op(Op::Typing(room.to_owned(), typing)).await
+    }
+
+    /// Pings the server; the pong comes back as a server event.
+    pub async fn ping(&self, client_time_micros: i64) -> Result<(), ClientError> {
+        self.op(Op::Ping(client_time_micros)).await
+    }
+}
+
+/// Why a connection ended.
+enum Lost {
+    /// The application dropped its handle: stop.
+    Closed,
+    /// The connection failed: try again.
+    Retry(String),
+}
+
+struct Task {
+    config: ConversationConfig,
+    /// The session token, presented again to keep the nickname.
+    token: Option<String>,
+    /// Joined rooms and the last seq delivered in each (`None`: nothing yet).
+    rooms: BTreeMap<String, Option<u64>>,
+    /// Messages sent and not yet acked, in the order they were sent.
+    pending: VecDeque<OutgoingMessage>,
+    /// To the application.
+    events: mpsc::Sender<ConversationEvent>,
+    /// From the application.
+    ops: mpsc::Receiver<Op>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut attempt = 0;
+        loop {
+            if !self.state(ConnectionState::Connecting { attempt }).await {
+                return;
+            }
+            let reason = match self.connect_and_chat(&mut attempt).await {
+                Lost::Closed => return,
+                Lost::Retry(reason) => reason,
+            };
+            attempt += 1;
+            let retry_in = self.config.backoff.delay(attempt);
+            tracing::debug!(%reason, ?retry_in, "connection lost");
+            if !self
+                .state(ConnectionState::Disconnected { reason, retry_in })
+                .await
+            {
+                return;
+            }
+            // Keep taking the application's commands while waiting.
+            let wait = tokio::time::sleep(retry_in);
+            tokio::pin!(wait);
+            loop {
+                tokio::select! {
+                    () = &mut wait => break,
+                    op = self.ops.recv() => match op {
+                        Some(op) => self.offline(op),
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Tells the application; false when it is gone.
+    async fn state(&self, state: ConnectionState) -> bool {
+        self.events
+            .send(ConversationEvent::Connection(state))
+            .await
+            .is_ok()
+    }
+
+    /// What a command does while there is no connection.
+    fn offline(&mut self, op: Op) {
+        match op {
+            Op::Send(message) => self.pending.push_back(message),
+            Op::Join(room) => {
+                self.rooms.entry(room).or_insert(None);
+            }
+            Op::Leave(room) => {
+                self.rooms.remove(&room);
+            }
+            // Ephemeral: meaningless later.
+            Op::Typing(..) | Op::Ping(_) => {}
+        }
+    }
+
+    async fn connect_and_chat(&mut self, attempt: &mut u32) -> Lost {
+        let mut client = match Client::connect(&self.config.server).await {
+            Ok(client) => client,
+            Err(error) => return Lost::Retry(error.to_string()),
+        };
+        if let Some(token) = &self.token
+            && client.set_token(token).is_err()
+        {
+            self.token = None;
+        }
+        if let Err(error) = client.login(&self.config.nickname).await {
+            return Lost::Retry(format!("login failed: {error}"));
+        }
+        self.token = client.token().map(str::to_owned);
+        let chat = match client.chat().await {
+            Ok(chat) => chat,
+            Err(error) => return Lost::Retry(error.to_string()),
+        };
+        let (sender, mut events) = chat.split();
+
+        // Rejoin every room from where it left off, then send what was not acked.
+        let mut joins: HashMap<u64, String> = HashMap::new();
+        let mut resume_complete = true;
+        for (room, last) in &self.rooms {
+            match sender.join(room, *last).await {
+                Ok(id) => {
+                    joins.insert(id, room.clone());
+                }
+                Err(error) => return Lost::Retry(error.to_string()),
+            }
+        }
+        let mut sends: HashMap<u64, String> = HashMap::new();
+        for message in &self.pending {
+            match sender.send(message.clone()).await {
+                Ok(id) => {
+                    sends.insert(id, message.client_msg_id.clone());
+                }
+                Err(error) => return Lost::Retry(error.to_string()),
+            }
+        }
+        if joins.is_empty() && !self.connected(resume_complete, attempt).await {
+            return Lost::Closed;
+        }
+
+        loop {
+            tokio::select! {
+                op = self.ops.recv() => {
+                    let Some(op) = op else { return Lost::Closed };
+                    if let Err(error) = self.online(op, &sender, &mut sends).await {
+                        return Lost::Retry(error.to_string());
+                    }
+                }
+                event = events.message() => {
+                    let event = match event {
+                        Ok(Some(event)) => event,
+                        Ok(None) => return Lost::Retry("the server closed the stream".into()),
+                        Err(status) => return Lost::Retry(format!("{}: {}", status.code(), status.message())),
+                    };
+                    let id = event.request_id;
+                    let Some(payload) = &event.event else { continue };
+                    match payload {
+                        Event::Message(message) => {
+                            let Some(last) = self.rooms.get_mut(&message.room) else { continue };
+                            if last.is_some_and(|last| message.seq <= last) {
+                                continue;
+                            }
+                            *last = Some(message.seq);
+                        }
+                        Event::Gap(gap) => {
+                            resume_complete = false;
+                            if let Some(last) = self.rooms.get_mut(&gap.room) {
+                                *last = Some(last.unwrap_or(0).max(gap.to_seq));
+                            }
+                        }
+                        Event::Ack(ack) => {
+                            sends.remove(&id);
+                            self.pending.retain(|m| m.client_msg_id != ack.client_msg_id);
+                        }
+                        Event::Error(error) => {
+                            // A refused send is final: it will not be sent again.
+                            if let Some(client_msg_id) = sends.remove(&id) {
+                                self.pending.retain(|m| m.client_msg_id != client_msg_id);
+                            }
+                            if let Some(room) = joins.remove(&id) {
+                                self.rooms.remove(&room);
+                                if joins.is_empty() && !self.connected(resume_complete, attempt).await {
+                                    return Lost::Closed;
+                                }
+                            }
+                            if Code::from(error.code) == Code::Unavailable {
+                                return Lost::Retry(error.message.clone());
+                            }
+                        }
+                        Event::Joined(joined) => {
+                            // The position the server starts this room at: where a resume
+                            // continues from, even before any message arrives.
+                            let start = joined.replay_from_seq.saturating_sub(1);
+                            let room = joined.room.as_ref().map(|r| r.name.as_str()).unwrap_or_default();
+                            if let Some(last) = self.rooms.get_mut(room) {
+                                match *last {
+                                    None => *last = Some(start),
+                                    Some(seen) if seen == start => {}
+                                    // The server's log is not where this client left it (it
+                                    // lost messages, or it is another server): start over
+                                    // from where it is.
+                                    Some(_) => {
+                                        resume_complete = false;
+                                        *last = Some(start);
+                                    }
+                                }
+                            }
+                            if joins.remove(&id).is_some()
+                                && joins.is_empty()
+                                && !self.connected(resume_complete, attempt).await
+                            {
+                                return Lost::Closed;
+                            }
+                        }
+                        Event::Reconnect(notice) => {
+                            return Lost::Retry(format!("the server asked to reconnect: {}", notice.reason));
+                        }
+                        _ => {}
+                    }
+                    if self.events.send(ConversationEvent::Server(event)).await.is_err() {
+                        return Lost::Closed;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reports the connection as up and resets the backoff; false when the app is gone.
+    async fn connected(&self, resume_complete: bool, attempt: &mut u32) -> bool {
+        *attempt = 0;
+        self.state(ConnectionState::Connected { resume_complete })
+            .await
+    }
+
+    /// What a command does on a live connection.
+    async fn online(
+        &mut self,
+        op: Op,
+        sender: &ChatSender,
+        sends: &mut HashMap<u64, String>,
+    ) -> Result<(), ClientError> {
+        match op {
+            Op::Send(message) => {
+                self.pending.push_back(message.clone());
+                let client_msg_id = message.client_msg_id.clone();
+                let id = sender.send(message).await?;
+                sends.insert(id, client_msg_id);
+            }
+            Op::Join(room) => {
+                if !self.rooms.contains_key(&room) {
+                    self.rooms.insert(room.clone(), None);
+                    sender.join(&room, None).await?;
+                }
+            }
+            Op::Leave(room) => {
+                if self.rooms.remove(&room).is_some() {
+                    sender.leave(&room).await?;
+                }
+            }
+            Op::Typing(room, typing) => {
+                sender.typing(&room, typing).await?;
+            }
+            Op::Ping(micros) => {
+                sender.ping(micros).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_with_jitter() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for (attempt, ceiling) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (30, 1000),
+        ] {
+            let delay = backoff.delay(attempt);
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(
+                delay >= ceiling / 2 && delay <= ceiling,
+                "attempt {attempt}: {delay:?}"
+            );
+        }
+    }
+}
