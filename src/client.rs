@@ -241,6 +241,11 @@ impl ChatSender {
         Ok(request_id)
     }
 
+    /// Whether a frame can be queued now without waiting.
+    pub fn has_room(&self) -> bool {
+        self.frames.capacity() > 0
+    }
+
     /// Sends a frame as it is (for callers that manage request ids themselves).
     pub async fn send_frame(&self, frame: ChatRequest) -> Result<(), ClientError> {
         self.frames

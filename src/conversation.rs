@@ -315,24 +315,34 @@ impl Task {
                 Err(error) => return Lost::Retry(error.to_string()),
             }
         }
+        // Messages not acked yet go out again, through the loop below like new ones.
+        let mut unsent: VecDeque<OutgoingMessage> = self.pending.iter().cloned().collect();
         let mut sends: HashMap<u64, String> = HashMap::new();
-        for message in &self.pending {
-            match sender.send(message.clone()).await {
-                Ok(id) => {
-                    sends.insert(id, message.client_msg_id.clone());
-                }
-                Err(error) => return Lost::Retry(error.to_string()),
-            }
-        }
         if joins.is_empty() && !self.connected(resume_complete, attempt).await {
             return Lost::Closed;
         }
 
+        // This loop never waits to send: it takes a command, or sends a queued message,
+        // only when the stream has room, and reads events all the while. (A client that
+        // waited to send while the server waited for it to read would never move again.)
         loop {
             tokio::select! {
-                op = self.ops.recv() => {
+                () = std::future::ready(()), if !unsent.is_empty() && sender.has_room() => {
+                    let Some(message) = unsent.pop_front() else { continue };
+                    let client_msg_id = message.client_msg_id.clone();
+                    match sender.send(message).await {
+                        Ok(id) => {
+                            sends.insert(id, client_msg_id);
+                        }
+                        Err(error) => return Lost::Retry(error.to_string()),
+                    }
+                }
+                // A full stream frees up as the server reads; look again shortly (frames
+                // such as typing notices get no reply that would wake this loop).
+                () = tokio::time::sleep(Duration::from_millis(5)), if !sender.has_room() => {}
+                op = self.ops.recv(), if unsent.is_empty() && sender.has_room() => {
                     let Some(op) = op else { return Lost::Closed };
-                    if let Err(error) = self.online(op, &sender, &mut sends).await {
+                    if let Err(error) = self.online(op, &sender, &mut unsent).await {
                         return Lost::Retry(error.to_string());
                     }
                 }
@@ -422,19 +432,17 @@ impl Task {
             .await
     }
 
-    /// What a command does on a live connection.
+    /// What a command does on a live connection (which has room for one frame).
     async fn online(
         &mut self,
         op: Op,
         sender: &ChatSender,
-        sends: &mut HashMap<u64, String>,
+        unsent: &mut VecDeque<OutgoingMessage>,
     ) -> Result<(), ClientError> {
         match op {
             Op::Send(message) => {
                 self.pending.push_back(message.clone());
-                let client_msg_id = message.client_msg_id.clone();
-                let id = sender.send(message).await?;
-                sends.insert(id, client_msg_id);
+                unsent.push_back(message);
             }
             Op::Join(room) => {
                 if !self.rooms.contains_key(&room) {
