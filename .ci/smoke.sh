@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 grpcurl=.ci/venv/bin/grpcurl
 buf=$PWD/.ci/node_modules/.bin/buf
 log=$(mktemp)
-cargo build -q -p confab-server
+# The binary the test build made (a plain `cargo build` would build again: features
+# unify differently without the dev-dependencies).
+cargo test -q --workspace --no-run 2>/dev/null
 target/debug/confab-server --listen 127.0.0.1:0 2>"$log" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; rm -f "$log"' EXIT

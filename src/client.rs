@@ -299,6 +299,15 @@ impl ChatSender {
         .await
     }
 
+    /// Sets `room`'s topic.
+    pub async fn set_topic(&self, room: &str, topic: &str) -> Result<u64, ClientError> {
+        self.command(Command::SetTopic(pb::SetTopic {
+            room: room.to_owned(),
+            topic: topic.to_owned(),
+        }))
+        .await
+    }
+
     /// Asks for a pong carrying `client_time_micros`.
     pub async fn ping(&self, client_time_micros: i64) -> Result<u64, ClientError> {
         self.command(Command::Ping(pb::Ping { client_time_micros }))

@@ -119,6 +119,17 @@ pub enum ConversationEvent {
     Connection(ConnectionState),
     /// An event from the server, messages deduplicated across reconnects.
     Server(ChatResponse),
+    /// The answer to [`Conversation::list_rooms`]: the server's rooms, by name.
+    Rooms(Vec<pb::RoomInfo>),
+    /// A request outside the chat stream failed (e.g. listing rooms).
+    Failed(String),
+    /// The server refused a message for good (it will not be sent again).
+    Refused {
+        /// The message's idempotency key, as [`Conversation::say`] returned it.
+        client_msg_id: String,
+        /// Why.
+        error: pb::CommandError,
+    },
 }
 
 enum Op {
@@ -127,6 +138,8 @@ enum Op {
     Leave(String),
     Typing(String, bool),
     Ping(i64),
+    SetTopic(String, String),
+    ListRooms,
 }
 
 /// The handle to a conversation; dropping it ends the conversation.
@@ -196,6 +209,17 @@ impl Conversation {
     /// Tells `room` this user is (or stopped) typing; dropped while disconnected.
     pub async fn typing(&self, room: &str, typing: bool) -> Result<(), ClientError> {
         self.op(Op::Typing(room.to_owned(), typing)).await
+    }
+
+    /// Sets `room`'s topic; the `room_updated` event confirms it.
+    pub async fn set_topic(&self, room: &str, topic: &str) -> Result<(), ClientError> {
+        self.op(Op::SetTopic(room.to_owned(), topic.to_owned()))
+            .await
+    }
+
+    /// Asks for the server's rooms; they arrive as [`ConversationEvent::Rooms`].
+    pub async fn list_rooms(&self) -> Result<(), ClientError> {
+        self.op(Op::ListRooms).await
     }
 
     /// Pings the server; the pong comes back as a server event.
@@ -279,8 +303,13 @@ impl Task {
             Op::Leave(room) => {
                 self.rooms.remove(&room);
             }
-            // Ephemeral: meaningless later.
-            Op::Typing(..) | Op::Ping(_) => {}
+            // Ephemeral, or needing the server: meaningless later.
+            Op::Typing(..) | Op::Ping(_) | Op::SetTopic(..) => {}
+            Op::ListRooms => {
+                let _ = self.events.try_send(ConversationEvent::Failed(
+                    "not connected; try again once connected".into(),
+                ));
+            }
         }
     }
 
@@ -342,7 +371,7 @@ impl Task {
                 () = tokio::time::sleep(Duration::from_millis(5)), if !sender.has_room() => {}
                 op = self.ops.recv(), if unsent.is_empty() && sender.has_room() => {
                     let Some(op) = op else { return Lost::Closed };
-                    if let Err(error) = self.online(op, &sender, &mut unsent).await {
+                    if let Err(error) = self.online(op, &client, &sender, &mut unsent).await {
                         return Lost::Retry(error.to_string());
                     }
                 }
@@ -376,6 +405,11 @@ impl Task {
                             // A refused send is final: it will not be sent again.
                             if let Some(client_msg_id) = sends.remove(&id) {
                                 self.pending.retain(|m| m.client_msg_id != client_msg_id);
+                                let refused = ConversationEvent::Refused { client_msg_id, error: error.clone() };
+                                if self.events.send(refused).await.is_err() {
+                                    return Lost::Closed;
+                                }
+                                continue;
                             }
                             if let Some(room) = joins.remove(&id) {
                                 self.rooms.remove(&room);
@@ -436,6 +470,7 @@ impl Task {
     async fn online(
         &mut self,
         op: Op,
+        client: &Client,
         sender: &ChatSender,
         unsent: &mut VecDeque<OutgoingMessage>,
     ) -> Result<(), ClientError> {
@@ -460,6 +495,29 @@ impl Task {
             }
             Op::Ping(micros) => {
                 sender.ping(micros).await?;
+            }
+            Op::SetTopic(room, topic) => {
+                sender.set_topic(&room, &topic).await?;
+            }
+            Op::ListRooms => {
+                // A unary call beside the stream, answered from its own task so that the
+                // stream keeps flowing meanwhile.
+                let rpc = client.rpc();
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let request = pb::ListRoomsRequest {
+                        page_size: 1000,
+                        page_token: String::new(),
+                    };
+                    let event = match rpc.clone().list_rooms(request).await {
+                        Ok(reply) => ConversationEvent::Rooms(reply.into_inner().rooms),
+                        Err(status) => ConversationEvent::Failed(format!(
+                            "listing rooms failed: {}",
+                            status.message()
+                        )),
+                    };
+                    let _ = events.send(event).await;
+                });
             }
         }
         Ok(())

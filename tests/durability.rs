@@ -2,6 +2,8 @@
 //! readers, restarts, retention.
 
 mod common;
+#[path = "common/process.rs"]
+mod process;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -9,12 +11,13 @@ use std::{
     time::Duration,
 };
 
-use common::{Events, Proxy, ServerProcess, TestServer, within};
+use common::{Events, Proxy, TestServer, within};
 use confab::{
     Backoff, Client, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
     pb::{self, chat_response::Event},
 };
 use confab_server::Config;
+use process::ServerProcess;
 use tokio::sync::mpsc;
 use tonic::Code;
 
@@ -56,6 +59,7 @@ async fn record(mut events: mpsc::Receiver<ConversationEvent>, seen: Arc<Mutex<S
                 }
                 _ => {}
             },
+            other => panic!("unexpected {other:?}"),
         }
     }
 }

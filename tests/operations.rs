@@ -2,9 +2,12 @@
 //! `confab-server` binary on SIGTERM and SIGINT.
 
 mod common;
+#[path = "common/process.rs"]
+mod process;
 
-use common::{Events, ServerProcess, TestServer, client_at, within};
+use common::{Events, TestServer, client_at, within};
 use confab::pb::{self, chat_response::Event, subscribe_response};
+use process::ServerProcess;
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,

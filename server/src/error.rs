@@ -183,6 +183,12 @@ impl ChatError {
     }
 }
 
+impl From<Violation> for ChatError {
+    fn from(violation: Violation) -> Self {
+        ChatError::InvalidArgument(violation)
+    }
+}
+
 impl From<ChatError> for Status {
     fn from(error: ChatError) -> Status {
         error.log();

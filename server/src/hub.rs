@@ -60,6 +60,8 @@ pub enum RoomEvent {
     Presence(Arc<pb::PresenceEvent>),
     /// A user started or stopped typing (ephemeral: never stored).
     Typing(Arc<pb::TypingEvent>),
+    /// The room's description changed.
+    Updated(Arc<pb::RoomUpdated>),
 }
 
 /// Where an appended message landed.
@@ -256,6 +258,40 @@ impl Room {
             }
             let _ = sender.send(result);
         })
+    }
+
+    /// Sets the topic (as `user`); every reader hears of it once it is stored.
+    pub async fn set_topic(
+        &self,
+        store: &dyn Store,
+        user: &str,
+        topic: &str,
+    ) -> Result<(), ChatError> {
+        let stored = {
+            let mut state = self.state();
+            state.record.topic = topic.to_owned();
+            // Built under the lock, published by the store's callback (which must not take
+            // the lock), so topic changes reach readers in the order they were made.
+            let update = RoomEvent::Updated(Arc::new(pb::RoomUpdated {
+                room: Some(info(&state, self.head_seq())),
+                updated_by: user.to_owned(),
+            }));
+            let events = self.events.clone();
+            let (done, stored) = on_commit();
+            store.set_topic(
+                &self.name,
+                topic,
+                Box::new(move |result| {
+                    if result.is_ok() {
+                        let _ = events.send(update);
+                    }
+                    done(result);
+                }),
+            );
+            stored
+        };
+        stored.await?;
+        Ok(())
     }
 
     /// Tells readers that `user` is or stopped typing.

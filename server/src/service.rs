@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 use crate::{
     auth::{Nicknames, Tokens, caller},
     cursor::{Cursor, Delivery, DeliveryStream},
-    error::{ChatError, Violation},
+    error::ChatError,
     hub::{Hub, RoomEvent},
     outbound::{End, Outbound, reconnect_notice},
     pagination,
@@ -84,12 +84,6 @@ impl ChatServer {
         let room = message.room.clone();
         let published = self.hub.publish("message.room", sender, message).await?;
         Ok((room, published))
-    }
-}
-
-impl From<Violation> for ChatError {
-    fn from(violation: Violation) -> Self {
-        ChatError::InvalidArgument(violation)
     }
 }
 
@@ -420,7 +414,9 @@ async fn tail(
                             to_seq: to,
                         })),
                         // A subscription is a read-only tail of messages.
-                        Delivery::Event(RoomEvent::Presence(_) | RoomEvent::Typing(_)) => None,
+                        Delivery::Event(
+                            RoomEvent::Presence(_) | RoomEvent::Typing(_) | RoomEvent::Updated(_),
+                        ) => None,
                     };
                     match event {
                         Some(event) => out.send(pb::SubscribeResponse { event: Some(event) }).await,

@@ -97,7 +97,7 @@ impl Session {
         let reply = match frame.command {
             None => Err(ChatError::invalid(
                 "command",
-                "the frame has no command: set one of join, leave, send, typing, ping",
+                "the frame has no command: set one of join, leave, send, typing, ping, set_topic",
             )),
             Some(Command::Join(join)) => match self.join(join).await {
                 Ok((joined, room, stream)) => {
@@ -123,6 +123,11 @@ impl Session {
                 .typing(typing)
                 .map(|()| None)
                 .map_err(|e| e.within("typing")),
+            Some(Command::SetTopic(set)) => self
+                .set_topic(set)
+                .await
+                .map(|()| None)
+                .map_err(|e| e.within("set_topic")),
             Some(Command::Ping(ping)) => Ok(Some(Event::Pong(pb::Pong {
                 client_time_micros: ping.client_time_micros,
                 server_time: Some(std::time::SystemTime::now().into()),
@@ -198,6 +203,15 @@ impl Session {
         Ok(())
     }
 
+    async fn set_topic(&mut self, set: pb::SetTopic) -> Result<(), ChatError> {
+        self.joined("room", &set.room)?;
+        validate::topic("topic", &set.topic)?;
+        self.hub
+            .room("room", &set.room)?
+            .set_topic(self.hub.store().as_ref(), &self.user.nickname, &set.topic)
+            .await
+    }
+
     /// Checks that `room` is joined on this stream: INVALID_ARGUMENT for a bad name,
     /// NOT_FOUND for no such room, FAILED_PRECONDITION for a room not joined.
     fn joined(&self, field: &str, room: &str) -> Result<(), ChatError> {
@@ -256,6 +270,7 @@ fn chat_event(room: &str, delivery: Delivery) -> Event {
         Delivery::Event(RoomEvent::Message(message)) => Event::Message(message),
         Delivery::Event(RoomEvent::Presence(presence)) => Event::Presence((*presence).clone()),
         Delivery::Event(RoomEvent::Typing(typing)) => Event::Typing((*typing).clone()),
+        Delivery::Event(RoomEvent::Updated(update)) => Event::RoomUpdated((*update).clone()),
         Delivery::Gap { from, to } => Event::Gap(pb::HistoryGap {
             room: room.to_owned(),
             from_seq: from,

@@ -1,7 +1,168 @@
-//! `confab`, the Confab terminal client. The interactive client is the subject of its own
-//! issue; until it lands this binary says so instead of pretending.
+//! `confab`: the Confab terminal client. Parses flags and runs one of its modes:
+//! the full-screen chat (default), `--pipe` for scripts, or `demo`.
 
-fn main() {
-    eprintln!("confab: the terminal client is not built yet; see the README for grpcurl usage");
-    std::process::exit(2);
+mod app;
+mod command;
+mod event;
+mod input;
+mod pipe;
+mod terminal;
+mod ui;
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use clap::Parser;
+use confab::{Conversation, ConversationConfig, ConversationEvent};
+use crossterm::event::EventStream;
+use futures::StreamExt as _;
+use tokio::sync::mpsc;
+
+use crate::{
+    app::{App, Effect},
+    event::Event,
+};
+
+/// Terminal chat on a Confab server.
+#[derive(Debug, Parser)]
+#[command(name = "confab", version, about)]
+struct Cli {
+    /// The server, `http://host:port`.
+    #[arg(
+        long,
+        env = "CONFAB_SERVER",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    server: String,
+    /// Your nickname (default: $USER).
+    #[arg(long, env = "CONFAB_NICK", global = true)]
+    nick: Option<String>,
+    /// A room to join; repeat for more.
+    #[arg(
+        long = "room",
+        env = "CONFAB_ROOMS",
+        value_delimiter = ',',
+        default_value = "lobby",
+        global = true
+    )]
+    rooms: Vec<String>,
+    /// Pipe mode: each stdin line is a message; every event is a JSON line on stdout.
+    #[arg(long)]
+    pipe: bool,
+    /// With --pipe: keep running after stdin ends.
+    #[arg(long, requires = "pipe")]
+    follow: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let nick = cli
+        .nick
+        .clone()
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "guest".into());
+    let config = ConversationConfig {
+        server: cli.server.clone(),
+        nickname: nick.clone(),
+        rooms: cli.rooms.clone(),
+        backoff: Default::default(),
+    };
+    if cli.pipe {
+        let room = cli
+            .rooms
+            .first()
+            .cloned()
+            .context("--pipe needs a --room")?;
+        return pipe::run(config, &room, cli.follow).await;
+    }
+    chat(config).await
+}
+
+/// The full-screen client.
+async fn chat(config: ConversationConfig) -> anyhow::Result<()> {
+    let (conversation, net) = Conversation::start(config.clone());
+    let mut terminal = terminal::init().context("cannot take over the terminal")?;
+    let size = terminal
+        .size()
+        .map(|s| (s.width, s.height))
+        .unwrap_or((80, 24));
+    let mut app = App::new(&config.nickname, &config.rooms, SystemTime::now(), size);
+    app.offset = *chrono::Local::now().offset();
+    let result = run(&mut terminal, &mut app, conversation, net).await;
+    terminal::restore();
+    result
+}
+
+/// The UI loop: wait for the terminal, the network or the clock; update; redraw once per
+/// batch. It never waits on the network: effects go to a task of their own.
+async fn run(
+    terminal: &mut ratatui::DefaultTerminal,
+    app: &mut App,
+    conversation: Conversation,
+    mut net: mpsc::Receiver<ConversationEvent>,
+) -> anyhow::Result<()> {
+    let (effects, pending) = mpsc::unbounded_channel();
+    tokio::spawn(perform(conversation, pending));
+    let mut keys = EventStream::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        terminal.draw(|frame| {
+            frame.render_widget(&*app, frame.area());
+            frame.set_cursor_position(ui::cursor(app, frame.area()));
+        })?;
+        let event = tokio::select! {
+            key = keys.next() => match key {
+                Some(Ok(event)) => match Event::from_terminal(event) {
+                    Some(event) => event,
+                    None => continue,
+                },
+                // The terminal is gone: nothing left to chat in.
+                Some(Err(_)) | None => return Ok(()),
+            },
+            event = net.recv() => match event {
+                Some(event) => Event::Net(event),
+                None => return Ok(()),
+            },
+            _ = tick.tick() => Event::Tick(SystemTime::now()),
+        };
+        for effect in app.update(event) {
+            let _ = effects.send(effect);
+        }
+        // Take whatever else the network has ready before drawing again, so a flood is
+        // drawn once per batch, not once per message.
+        for _ in 0..512 {
+            let Ok(event) = net.try_recv() else { break };
+            for effect in app.update(Event::Net(event)) {
+                let _ = effects.send(effect);
+            }
+        }
+        if app.quit {
+            return Ok(());
+        }
+    }
+}
+
+/// Carries the UI's effects to the connection, in order.
+async fn perform(conversation: Conversation, mut effects: mpsc::UnboundedReceiver<Effect>) {
+    while let Some(effect) = effects.recv().await {
+        let done = match effect {
+            Effect::Say { room, text } => conversation.say(&room, &text).await.map(drop),
+            Effect::Act { room, text } => conversation
+                .send(&room, &text, confab::pb::MessageKind::Action)
+                .await
+                .map(drop),
+            Effect::Join(room) => conversation.join(&room).await,
+            Effect::Leave(room) => conversation.leave(&room).await,
+            Effect::Typing { room, typing } => conversation.typing(&room, typing).await,
+            Effect::SetTopic { room, topic } => conversation.set_topic(&room, &topic).await,
+            Effect::ListRooms => conversation.list_rooms().await,
+            Effect::Ping(micros) => conversation.ping(micros).await,
+        };
+        if done.is_err() {
+            return;
+        }
+    }
 }

@@ -113,6 +113,17 @@ impl Store for MemoryStore {
         done(result);
     }
 
+    fn set_topic(&self, room: &str, topic: &str, done: Committed) {
+        let result = match self.rooms().get_mut(room) {
+            Some(stored) => {
+                stored.record.topic = topic.to_owned();
+                Ok(())
+            }
+            None => Err(StoreError(format!("room {room:?} is not in the store"))),
+        };
+        done(result);
+    }
+
     fn apply_retention(&self, retention: Retention, done: Committed) {
         let cutoff = retention
             .max_age

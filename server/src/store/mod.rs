@@ -98,6 +98,9 @@ pub trait Store: Send + Sync + 'static {
     /// Appends `message` to its room's log; called in seq order per room.
     fn append(&self, message: ChatMessage, done: Committed);
 
+    /// Sets `room`'s topic.
+    fn set_topic(&self, room: &str, topic: &str, done: Committed);
+
     /// Removes what `retention` no longer keeps; `done` runs when that is durable.
     fn apply_retention(&self, retention: Retention, done: Committed);
 

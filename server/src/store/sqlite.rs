@@ -73,6 +73,7 @@ const MIGRATIONS: &[&str] = &[
 enum Write {
     Room(RoomRecord, Committed),
     Message(ChatMessage, Committed),
+    Topic(String, String, Committed),
     Retention(Retention, Committed),
     /// Flush and stop: the writer acknowledges and exits.
     Close(Committed),
@@ -83,6 +84,7 @@ impl Write {
         match self {
             Write::Room(_, done)
             | Write::Message(_, done)
+            | Write::Topic(_, _, done)
             | Write::Retention(_, done)
             | Write::Close(done) => done(result),
         }
@@ -264,6 +266,10 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
                     ])?;
                     heads.insert(&message.room, message.seq);
                 }
+                Write::Topic(room, topic, _) => {
+                    tx.prepare_cached("UPDATE rooms SET topic = ?2 WHERE name = ?1")?
+                        .execute(params![room, topic])?;
+                }
                 Write::Retention(retention, _) => apply_retention(&tx, *retention)?,
                 Write::Close(_) => {}
             }
@@ -359,6 +365,10 @@ impl Store for SqliteStore {
 
     fn append(&self, message: ChatMessage, done: Committed) {
         self.write(Write::Message(message, done));
+    }
+
+    fn set_topic(&self, room: &str, topic: &str, done: Committed) {
+        self.write(Write::Topic(room.to_owned(), topic.to_owned(), done));
     }
 
     fn apply_retention(&self, retention: Retention, done: Committed) {

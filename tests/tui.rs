@@ -1,0 +1,360 @@
+//! The terminal client end to end: the real `confab` binary in tmux (and in pipe mode)
+//! against a real server on 127.0.0.1.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use common::{DEADLINE, Events, TestServer, client_at, within};
+use confab::pb::chat_response::Event;
+use confab_server::Config;
+use serde_json::Value;
+
+const CONFAB: &str = env!("CARGO_BIN_EXE_confab");
+
+/// A shell in a tmux window of its own (own socket), in which a test runs `confab`.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// A 100×24 shell; `confab ARGS` runs in it, and when it exits the shell prints its
+    /// exit code and whether the terminal is back in cooked mode.
+    fn start(name: &str, args: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tmux = Self {
+            socket: format!("confab-test-{}-{n}-{name}", std::process::id()),
+        };
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "100",
+            "-y",
+            "24",
+            "bash --norc --noprofile",
+        ]);
+        let line = format!(
+            "clear; TERM=xterm-256color {CONFAB} {args}; echo \"EXIT:$?\"; stty -a | tr ' ;' '\\n\\n' | grep -xE -- '-?(icanon|echo)' | paste -sd' '"
+        );
+        tmux.run(&["send-keys", "-t", "t", "-l", &line]);
+        tmux.run(&["send-keys", "-t", "t", "Enter"]);
+        tmux
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let output = Command::new("tmux")
+            .args(["-L", &self.socket])
+            .args(args)
+            .output()
+            .expect("run tmux");
+        assert!(
+            output.status.success(),
+            "tmux {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Types `text` as keystrokes.
+    fn type_text(&self, text: &str) {
+        self.run(&["send-keys", "-t", "t", "-l", text]);
+    }
+
+    /// Presses named keys (`Enter`, `C-c`, `PageUp`).
+    fn press(&self, key: &str) {
+        self.run(&["send-keys", "-t", "t", key]);
+    }
+
+    fn capture(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "t"])
+    }
+
+    /// A tmux format about the pane (`#{alternate_on}`).
+    fn pane(&self, format: &str) -> String {
+        self.run(&["display-message", "-p", "-t", "t", format])
+            .trim()
+            .to_owned()
+    }
+
+    /// Polls the screen until `check` holds; returns the screen.
+    async fn wait_for(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let screen = self.capture();
+            if check(&screen) {
+                return screen;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out waiting for {what}; the screen:\n{screen}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_for_text(&self, text: &str) -> String {
+        self.wait_for(text, |screen| screen.contains(text)).await
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+/// The input line: the last line that starts with the prompt.
+fn input_line(screen: &str) -> &str {
+    screen
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("> "))
+        .unwrap_or("")
+}
+
+/// Two clients talk; `/join`, `/me` and `/quit` work; after `/quit` the terminal is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_chat_and_quit_restores_the_terminal() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let alice = Tmux::start(
+        "alice",
+        &format!("--server {url} --nick alice --room lobby"),
+    );
+    let bob = Tmux::start("bob", &format!("--server {url} --nick bob --room lobby"));
+    alice.wait_for_text("● connected").await;
+    bob.wait_for_text("● connected").await;
+    assert_eq!(
+        alice.pane("#{alternate_on} #{mouse_any_flag}"),
+        "1 1",
+        "full screen with the mouse on"
+    );
+
+    alice.type_text("hello from alice");
+    alice.press("Enter");
+    bob.wait_for_text("<alice> hello from alice").await;
+
+    bob.type_text("/me dances");
+    bob.press("Enter");
+    alice.wait_for_text("* bob dances").await;
+
+    alice.type_text("/join second");
+    alice.press("Enter");
+    alice.wait_for_text("#second").await;
+    bob.type_text("/join second");
+    bob.press("Enter");
+    let screen = alice.wait_for_text("→ bob joined").await;
+    assert!(
+        screen.lines().next().unwrap_or("").contains("lobby"),
+        "both rooms are tabs:\n{screen}"
+    );
+
+    alice.type_text("/quit");
+    alice.press("Enter");
+    let screen = alice.wait_for_text("EXIT:").await;
+    assert!(screen.contains("EXIT:0"), "{screen}");
+    let shell = alice.wait_for_text("icanon").await;
+    assert!(
+        shell.contains("icanon echo") && !shell.contains("-icanon"),
+        "raw mode is off:\n{shell}"
+    );
+    assert_eq!(
+        alice.pane("#{alternate_on} #{mouse_any_flag}"),
+        "0 0",
+        "alternate screen and mouse are off"
+    );
+}
+
+/// The server restarts under a connected client: the client shows it, reconnects by
+/// itself, and shows what was sent while it was away, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_rides_out_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let server = TestServer::on("127.0.0.1:0", config.clone()).await;
+    let addr = server.addr.to_string();
+    let alice = Tmux::start(
+        "alice",
+        &format!("--server {} --nick alice --room lobby", server.url()),
+    );
+    alice.wait_for_text("● connected").await;
+
+    let bot = client_at(&server.url(), "bot").await;
+    let mut chat = Events::open(&bot).await;
+    chat.join("lobby", None).await;
+    chat.say("lobby", "before the restart").await;
+    alice.wait_for_text("<bot> before the restart").await;
+    drop(chat);
+
+    server.stop().await.unwrap();
+    alice.wait_for_text("connection lost").await;
+
+    let server = TestServer::on(&addr, config).await;
+    let bot = client_at(&server.url(), "bot").await;
+    let mut chat = Events::open(&bot).await;
+    chat.join("lobby", None).await;
+    chat.say("lobby", "sent while you were away").await;
+    chat.say("lobby", "and this too").await;
+
+    let screen = alice.wait_for_text("<bot> and this too").await;
+    assert!(
+        screen.contains("<bot> sent while you were away"),
+        "{screen}"
+    );
+    assert_eq!(
+        screen.matches("before the restart").count(),
+        1,
+        "nothing twice:\n{screen}"
+    );
+    let screen = alice.wait_for_text("● connected").await;
+    assert!(screen.contains("reconnected"), "{screen}");
+}
+
+/// While another client floods the room with 1,000 messages a second, keystrokes still
+/// show in the input line at once and the typed message goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_stays_responsive_during_a_flood() {
+    let server = TestServer::start().await;
+    let alice = Tmux::start(
+        "alice",
+        &format!("--server {} --nick alice --room lobby", server.url()),
+    );
+    alice.wait_for_text("● connected").await;
+
+    let flooder = client_at(&server.url(), "flooder").await;
+    let mut events = Events::open(&flooder).await;
+    events.join("lobby", None).await;
+    let (sender, mut stream) = events.chat.split();
+    let flooding = Arc::new(AtomicBool::new(true));
+    let flood = {
+        let flooding = flooding.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut n = 0u64;
+            // 1,000 a second until the test is done, and at least 3 seconds' worth.
+            while flooding.load(Ordering::SeqCst) || n < 3_000 {
+                tick.tick().await;
+                n += 1;
+                if sender.say("lobby", &format!("flood {n}")).await.is_err() {
+                    break;
+                }
+            }
+            n
+        })
+    };
+    // The flooder reads too (its own messages come back), watching for alice's line.
+    let seen = tokio::spawn(async move {
+        while let Ok(Some(event)) = stream.message().await {
+            if let Some(Event::Message(m)) = event.event
+                && m.sender == "alice"
+            {
+                return m.text.clone();
+            }
+        }
+        String::new()
+    });
+
+    alice.wait_for_text("<flooder> flood 100").await;
+    alice.type_text("typed during the flood");
+    alice
+        .wait_for("the keystrokes in the input line", |screen| {
+            input_line(screen) == "> typed during the flood"
+        })
+        .await;
+    alice.press("Enter");
+    let text = within("alice's message to reach the flooder", seen)
+        .await
+        .unwrap();
+    assert_eq!(text, "typed during the flood");
+    flooding.store(false, Ordering::SeqCst);
+    let sent = within("the flood to end", flood).await.unwrap();
+    assert!(sent >= 3_000);
+}
+
+/// Pipe mode: 500 stdin lines are sent and acked, the process exits 0, and a second pipe
+/// client sees the 500 messages in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipe_mode_sends_every_line_and_exits_when_all_are_acked() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let mut follower = Command::new(CONFAB)
+        .args([
+            "--pipe", "--follow", "--server", &url, "--nick", "b", "--room", "r",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the follower");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let stdout = follower.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let value: Value = serde_json::from_str(&line).expect("every line is JSON");
+            if lines_tx.send(value).is_err() {
+                return;
+            }
+        }
+    });
+    within("the follower to join", async {
+        while let Some(line) = lines.recv().await {
+            if line["kind"] == "joined" {
+                return;
+            }
+        }
+    })
+    .await;
+
+    let sender = tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "seq 1 500 | {CONFAB} --pipe --server {url} --nick a --room r"
+            ))
+            .output()
+            .expect("run the sender")
+    });
+    let output = within("the sender to finish", sender).await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let acks = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("JSON"))
+        .filter(|v| v["kind"] == "ack")
+        .count();
+    assert_eq!(acks, 500);
+
+    let texts = within("the follower to see all 500", async {
+        let mut texts = Vec::new();
+        while texts.len() < 500 {
+            let line = lines.recv().await.expect("the follower ended");
+            if line["kind"] == "message" && line["from"] == "a" {
+                assert!(line["seq"].is_u64() && line["room"] == "r");
+                texts.push(line["text"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        texts
+    })
+    .await;
+    assert_eq!(texts, (1..=500).map(|n| n.to_string()).collect::<Vec<_>>());
+    let _ = follower.kill();
+    let _ = follower.wait();
+}

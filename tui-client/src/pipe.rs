@@ -1,0 +1,144 @@
+//! Pipe mode, for scripts, bots and demos: each line of stdin is a message to the room;
+//! every event is printed as one JSON object per line on stdout, with at least `kind`,
+//! `room`, `seq`, `from` and `text` where they apply. When stdin ends, it waits until every
+//! line is acked (or refused), then exits 0; with `--follow` it keeps printing.
+
+use std::{collections::HashSet, io::Write as _};
+
+use confab::{
+    ConnectionState, Conversation, ConversationConfig, ConversationEvent,
+    pb::{self, chat_response::Event},
+};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+/// Runs pipe mode in `room` until stdin ends and everything is acked (or forever with
+/// `follow`).
+pub async fn run(config: ConversationConfig, room: &str, follow: bool) -> anyhow::Result<()> {
+    let (conversation, mut events) = Conversation::start(config);
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut stdin_open = true;
+    let mut unacked: HashSet<String> = HashSet::new();
+    let mut joined = false;
+    let mut failures = 0usize;
+    loop {
+        if !stdin_open && joined && unacked.is_empty() && !follow {
+            break;
+        }
+        tokio::select! {
+            line = lines.next_line(), if stdin_open => match line {
+                Ok(Some(line)) if line.trim().is_empty() => {}
+                Ok(Some(line)) => {
+                    let id = conversation.say(room, &line).await?;
+                    unacked.insert(id);
+                }
+                Ok(None) | Err(_) => stdin_open = false,
+            },
+            event = events.recv() => {
+                let Some(event) = event else { break };
+                match &event {
+                    ConversationEvent::Server(response) => match &response.event {
+                        Some(Event::Ack(ack)) => {
+                            unacked.remove(&ack.client_msg_id);
+                        }
+                        Some(Event::Joined(j)) if j.room.as_ref().is_some_and(|r| r.name == room) => {
+                            joined = true;
+                        }
+                        _ => {}
+                    },
+                    ConversationEvent::Refused { client_msg_id, .. } => {
+                        unacked.remove(client_msg_id);
+                        failures += 1;
+                    }
+                    _ => {}
+                }
+                if let Some(line) = json_line(&event) {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{line}")?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
+    if failures > 0 {
+        eprintln!("confab: the server refused {failures} line(s); see the error events");
+    }
+    Ok(())
+}
+
+/// One event as a JSON object, or `None` for events not worth a line.
+fn json_line(event: &ConversationEvent) -> Option<Value> {
+    Some(match event {
+        ConversationEvent::Connection(state) => match state {
+            ConnectionState::Connecting { attempt } => {
+                json!({"kind": "connecting", "attempt": attempt})
+            }
+            ConnectionState::Connected { resume_complete } => {
+                json!({"kind": "connected", "resume_complete": resume_complete})
+            }
+            ConnectionState::Disconnected { reason, retry_in } => json!({
+                "kind": "disconnected", "reason": reason, "retry_in_ms": retry_in.as_millis() as u64
+            }),
+        },
+        ConversationEvent::Rooms(rooms) => {
+            json!({"kind": "rooms", "rooms": rooms.iter().map(|r| r.name.clone()).collect::<Vec<_>>()})
+        }
+        ConversationEvent::Failed(reason) => json!({"kind": "error", "text": reason}),
+        ConversationEvent::Refused {
+            client_msg_id,
+            error,
+        } => json!({
+            "kind": "error",
+            "client_msg_id": client_msg_id,
+            "code": error.code,
+            "text": error.message,
+            "fields": error.field_violations.iter().map(|v| v.field.clone()).collect::<Vec<_>>(),
+        }),
+        ConversationEvent::Server(response) => match response.event.as_ref()? {
+            Event::Message(m) => json!({
+                "kind": if m.kind() == pb::MessageKind::Action { "action" } else { "message" },
+                "room": m.room,
+                "seq": m.seq,
+                "from": m.sender,
+                "text": m.text,
+                "client_msg_id": m.client_msg_id,
+                "sent_at": m.sent_at.map(|t| t.to_string()),
+            }),
+            Event::Joined(j) => {
+                let room = j.room.clone().unwrap_or_default();
+                json!({
+                    "kind": "joined",
+                    "room": room.name,
+                    "topic": room.topic,
+                    "head_seq": room.head_seq,
+                    "replay_from_seq": j.replay_from_seq,
+                    "members": j.members,
+                })
+            }
+            Event::Ack(a) => json!({
+                "kind": "ack", "room": a.room, "seq": a.seq,
+                "client_msg_id": a.client_msg_id, "duplicate": a.duplicate,
+            }),
+            Event::Presence(p) => json!({
+                "kind": if p.kind() == pb::PresenceKind::Joined { "join" } else { "leave" },
+                "room": p.room, "from": p.user,
+            }),
+            Event::Typing(t) => {
+                json!({"kind": "typing", "room": t.room, "from": t.user, "typing": t.typing})
+            }
+            Event::RoomUpdated(u) => {
+                let room = u.room.clone().unwrap_or_default();
+                json!({"kind": "topic", "room": room.name, "from": u.updated_by, "text": room.topic})
+            }
+            Event::Gap(g) => {
+                json!({"kind": "gap", "room": g.room, "from_seq": g.from_seq, "to_seq": g.to_seq})
+            }
+            Event::Error(e) => json!({
+                "kind": "error", "code": e.code, "text": e.message,
+                "fields": e.field_violations.iter().map(|v| v.field.clone()).collect::<Vec<_>>(),
+            }),
+            Event::Left(l) => json!({"kind": "left", "room": l.room}),
+            Event::Pong(_) | Event::Reconnect(_) => return None,
+        },
+    })
+}
