@@ -358,3 +358,30 @@ async fn pipe_mode_sends_every_line_and_exits_when_all_are_acked() {
     let _ = follower.kill();
     let _ = follower.wait();
 }
+
+/// `confab demo` runs a server of its own and fills the room with simulated users who
+/// chat with the person in the normal UI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_mode_brings_a_room_to_life() {
+    let demo = Tmux::start("demo", "--nick you demo --users 3");
+    demo.wait_for_text("4 here").await;
+    assert_eq!(demo.pane("#{alternate_on} #{mouse_any_flag}"), "1 1");
+    demo.wait_for("a simulated user to say something", |screen| {
+        ["<ada>", "<linus>", "<grace>", "* ada", "* linus", "* grace"]
+            .iter()
+            .any(|who| screen.contains(who))
+    })
+    .await;
+    demo.type_text("hello everyone");
+    demo.press("Enter");
+    demo.wait_for_text("<you> hello everyone").await;
+    // Ctrl-C leaves as /quit does, and the terminal is back too.
+    demo.press("C-c");
+    demo.wait_for_text("EXIT:0").await;
+    let shell = demo.wait_for_text("icanon").await;
+    assert!(
+        shell.contains("icanon echo") && !shell.contains("-icanon"),
+        "{shell}"
+    );
+    assert_eq!(demo.pane("#{alternate_on} #{mouse_any_flag}"), "0 0");
+}

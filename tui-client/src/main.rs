@@ -3,6 +3,7 @@
 
 mod app;
 mod command;
+mod demo;
 mod event;
 mod input;
 mod pipe;
@@ -12,7 +13,7 @@ mod ui;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use confab::{Conversation, ConversationConfig, ConversationEvent};
 use crossterm::event::EventStream;
 use futures::StreamExt as _;
@@ -27,14 +28,10 @@ use crate::{
 #[derive(Debug, Parser)]
 #[command(name = "confab", version, about)]
 struct Cli {
-    /// The server, `http://host:port`.
-    #[arg(
-        long,
-        env = "CONFAB_SERVER",
-        default_value = "http://127.0.0.1:50051",
-        global = true
-    )]
-    server: String,
+    /// The server, `http://host:port` [default: http://127.0.0.1:50051; for `demo`, a
+    /// server of its own].
+    #[arg(long, env = "CONFAB_SERVER", global = true)]
+    server: Option<String>,
     /// Your nickname (default: $USER).
     #[arg(long, env = "CONFAB_NICK", global = true)]
     nick: Option<String>,
@@ -53,6 +50,19 @@ struct Cli {
     /// With --pipe: keep running after stdin ends.
     #[arg(long, requires = "pipe")]
     follow: bool,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Chat with simulated users in a lively room (with a server of its own unless
+    /// --server is given).
+    Demo {
+        /// How many simulated users.
+        #[arg(long, default_value_t = 4)]
+        users: usize,
+    },
 }
 
 #[tokio::main]
@@ -64,12 +74,28 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| std::env::var("USER").ok())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "guest".into());
-    let config = ConversationConfig {
-        server: cli.server.clone(),
+    let mut config = ConversationConfig {
+        server: cli
+            .server
+            .clone()
+            .unwrap_or_else(|| "http://127.0.0.1:50051".into()),
         nickname: nick.clone(),
         rooms: cli.rooms.clone(),
         backoff: Default::default(),
     };
+    if let Some(Mode::Demo { users }) = cli.mode {
+        let _server = match &cli.server {
+            Some(_) => None,
+            None => {
+                let (url, stop) = demo::embedded_server().await?;
+                config.server = url;
+                Some(stop)
+            }
+        };
+        let room = cli.rooms.first().cloned().unwrap_or_else(|| "lobby".into());
+        demo::start_users(&config.server, &room, users);
+        return chat(config).await;
+    }
     if cli.pipe {
         let room = cli
             .rooms
