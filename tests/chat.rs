@@ -4,7 +4,7 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{Events, Proxy, TestServer, client_at, command_error, within};
+use common::{Events, Proxy, TestServer, client_at, command_error, flood, within};
 use confab::pb::{ChatRequest, OutgoingMessage, PresenceKind, chat_response::Event};
 use confab_server::Config;
 use tonic::Code;
@@ -478,23 +478,13 @@ async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
     let mut brisk = Events::open(&brisk_client).await;
     brisk.join("flood", None).await;
 
-    let publisher = server.client("publisher").await;
-    let batch = futures::stream::iter((1..=MESSAGES).map(|n| confab::pb::PublishBatchRequest {
-        message: Some(OutgoingMessage {
-            room: "flood".into(),
-            text: format!("message number {n} with some padding to make it longer"),
-            client_msg_id: format!("id-{n}"),
-            kind: 0,
-        }),
-    }));
-    let publishing = tokio::spawn(async move { publisher.rpc().publish_batch(batch).await });
+    let publishing = flood(server.client("publisher").await, "flood", MESSAGES);
 
     // The brisk reader keeps up while the stalled one reads nothing.
-    let mut seen = Vec::new();
-    while seen.len() < MESSAGES as usize {
-        seen.push(brisk.message().await.seq);
-    }
-    assert_eq!(seen, (1..=MESSAGES).collect::<Vec<_>>());
+    assert_eq!(
+        brisk.seqs(MESSAGES as usize).await,
+        (1..=MESSAGES).collect::<Vec<_>>()
+    );
     let summary = within("the batch", publishing)
         .await
         .unwrap()
@@ -502,9 +492,8 @@ async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
         .into_inner();
     assert_eq!(summary.accepted, MESSAGES as u32);
 
-    let mut caught_up = Vec::new();
-    while caught_up.len() < MESSAGES as usize {
-        caught_up.push(stalled.message().await.seq);
-    }
-    assert_eq!(caught_up, (1..=MESSAGES).collect::<Vec<_>>());
+    assert_eq!(
+        stalled.seqs(MESSAGES as usize).await,
+        (1..=MESSAGES).collect::<Vec<_>>()
+    );
 }

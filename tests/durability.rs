@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Events, Proxy, TestServer, within};
+use common::{Events, Proxy, TestServer, flood, subscribe, within};
 use confab::{
     Backoff, Client, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
     pb::{self, chat_response::Event},
@@ -283,21 +283,11 @@ async fn a_stalled_reader_is_ended_and_resumes_without_loss() {
     let mut brisk = Events::open(&brisk_client).await;
     brisk.join("flood", None).await;
 
-    let publisher = server.client("publisher").await;
-    let batch = futures::stream::iter((1..=MESSAGES).map(|n| pb::PublishBatchRequest {
-        message: Some(pb::OutgoingMessage {
-            room: "flood".into(),
-            text: format!("flood message {n}"),
-            client_msg_id: format!("f{n}"),
-            kind: 0,
-        }),
-    }));
-    let publishing = tokio::spawn(async move { publisher.rpc().publish_batch(batch).await });
-    let mut seen = Vec::new();
-    while seen.len() < MESSAGES as usize {
-        seen.push(brisk.message().await.seq);
-    }
-    assert_eq!(seen, (1..=MESSAGES).collect::<Vec<_>>());
+    let publishing = flood(server.client("publisher").await, "flood", MESSAGES);
+    assert_eq!(
+        brisk.seqs(MESSAGES as usize).await,
+        (1..=MESSAGES).collect::<Vec<_>>()
+    );
     within("the batch", publishing).await.unwrap().unwrap();
 
     // The stalled reader reads what reached it, then learns it was cut off.
@@ -502,17 +492,7 @@ async fn resuming_past_retention_reports_the_gap() {
     }
     assert_eq!(seqs, (41..=50).collect::<Vec<_>>());
 
-    let mut tail = alice
-        .rpc()
-        .subscribe(pb::SubscribeRequest {
-            rooms: vec![pb::RoomPosition {
-                room: "r".into(),
-                after_seq: Some(0),
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut tail = subscribe(&alice, "r", Some(0)).await;
     let first = within("the subscription's gap", tail.message())
         .await
         .unwrap()

@@ -5,7 +5,7 @@ mod common;
 #[path = "common/process.rs"]
 mod process;
 
-use common::{Events, TestServer, client_at, within};
+use common::{Events, TestServer, client_at, subscribe, within};
 use confab::pb::{self, chat_response::Event, subscribe_response};
 use process::ServerProcess;
 use tonic::Code;
@@ -63,17 +63,7 @@ async fn shutdown_ends_open_streams_with_unavailable_and_returns() {
     let alice = server.client("alice").await;
     let mut chat = Events::open(&alice).await;
     chat.join("r", None).await;
-    let mut tail = alice
-        .rpc()
-        .subscribe(pb::SubscribeRequest {
-            rooms: vec![pb::RoomPosition {
-                room: "r".into(),
-                after_seq: Some(0),
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut tail = subscribe(&alice, "r", Some(0)).await;
 
     let stopping = tokio::spawn(server.stop());
 

@@ -16,7 +16,11 @@ use std::{
 
 use confab::{
     ChatMessage, ChatStream, Client,
-    pb::{ChatResponse, CommandError, PresenceKind, chat_response::Event},
+    pb::{
+        ChatResponse, CommandError, OutgoingMessage, PresenceKind, PublishBatchRequest,
+        PublishBatchResponse, RoomPosition, SubscribeRequest, SubscribeResponse,
+        chat_response::Event,
+    },
 };
 use confab_server::{Config, ServerError};
 use tokio::{
@@ -230,6 +234,15 @@ impl Events {
         .await
     }
 
+    /// The seqs of the next `n` messages.
+    pub async fn seqs(&mut self, n: usize) -> Vec<u64> {
+        let mut seqs = Vec::with_capacity(n);
+        while seqs.len() < n {
+            seqs.push(self.message().await.seq);
+        }
+        seqs
+    }
+
     /// Reads until the stream ends with an error status, and returns it.
     pub async fn end_status(&mut self) -> Status {
         within("the stream to end", async {
@@ -243,6 +256,43 @@ impl Events {
         })
         .await
     }
+}
+
+/// Publishes `count` messages to `room` on one `PublishBatch` stream, from a task.
+pub fn flood(
+    client: Client,
+    room: &str,
+    count: u64,
+) -> JoinHandle<Result<tonic::Response<PublishBatchResponse>, Status>> {
+    let room = room.to_owned();
+    let batch = futures::stream::iter((1..=count).map(move |n| PublishBatchRequest {
+        message: Some(OutgoingMessage {
+            room: room.clone(),
+            text: format!("flood message {n} with some padding to make it longer"),
+            client_msg_id: format!("flood-{n}"),
+            kind: 0,
+        }),
+    }));
+    tokio::spawn(async move { client.rpc().publish_batch(batch).await })
+}
+
+/// A `Subscribe` stream of one room after `after_seq`.
+pub async fn subscribe(
+    client: &Client,
+    room: &str,
+    after_seq: Option<u64>,
+) -> tonic::Streaming<SubscribeResponse> {
+    client
+        .rpc()
+        .subscribe(SubscribeRequest {
+            rooms: vec![RoomPosition {
+                room: room.into(),
+                after_seq,
+            }],
+        })
+        .await
+        .expect("subscribe")
+        .into_inner()
 }
 
 /// The code and field violations of an in-band error event.
