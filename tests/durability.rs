@@ -512,3 +512,40 @@ async fn resuming_past_retention_reports_the_gap() {
         .collect();
     assert_eq!(texts.len(), 10);
 }
+
+/// A session token stays valid across a restart on the same data dir (the signing secret
+/// is kept there), and an expired token is refused.
+#[tokio::test]
+async fn tokens_outlive_a_restart_and_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let server = TestServer::on("127.0.0.1:0", config.clone()).await;
+    let token = server.client("alice").await.token().unwrap().to_owned();
+    server.stop().await.unwrap();
+
+    let server = TestServer::on("127.0.0.1:0", config).await;
+    let mut alice = server.anonymous().await;
+    alice.set_token(&token).unwrap();
+    alice
+        .rpc()
+        .list_rooms(pb::ListRoomsRequest::default())
+        .await
+        .expect("the old token is still good");
+
+    let short_lived = TestServer::with(Config {
+        token_ttl: Duration::ZERO,
+        ..Config::default()
+    })
+    .await;
+    let bob = short_lived.client("bob").await;
+    let status = bob
+        .rpc()
+        .list_rooms(pb::ListRoomsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("expired"), "{status:?}");
+}

@@ -193,3 +193,67 @@ async fn reflection_lists_every_service_in_both_versions() {
     };
     assert!(!files.file_descriptor_proto.is_empty());
 }
+
+/// Every service accepts gzip and zstd, and answers compressed when asked: the chat
+/// service, health and reflection alike.
+#[tokio::test]
+async fn every_service_speaks_gzip_and_zstd() {
+    use tonic::codec::CompressionEncoding::{Gzip, Zstd};
+    let server = TestServer::start().await;
+    for (encoding, name) in [(Gzip, "gzip"), (Zstd, "zstd")] {
+        let mut client = confab::Client::connect(&server.url())
+            .await
+            .unwrap()
+            .with_compression(encoding);
+        client.login(&format!("user-{name}")).await.unwrap();
+        let reply = client
+            .rpc()
+            .create_room(pb::CreateRoomRequest {
+                room: format!("room-{name}"),
+                topic: "x".repeat(200),
+            })
+            .await
+            .expect("a compressed request is accepted");
+        assert_eq!(reply.metadata().get("grpc-encoding").unwrap(), name);
+
+        let mut chat = Events::open(&client).await;
+        chat.join(&format!("room-{name}"), None).await;
+        assert_eq!(chat.say(&format!("room-{name}"), "squeezed").await, 1);
+
+        let channel = tonic::transport::Endpoint::from_shared(server.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let health = HealthClient::new(channel.clone())
+            .send_compressed(encoding)
+            .accept_compressed(encoding)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health accepts it");
+        assert_eq!(health.metadata().get("grpc-encoding").unwrap(), name);
+
+        use tonic_reflection::pb::v1;
+        let mut reflection = v1::server_reflection_client::ServerReflectionClient::new(channel)
+            .send_compressed(encoding)
+            .accept_compressed(encoding);
+        let request = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        };
+        let replies = reflection
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .expect("reflection accepts it");
+        assert_eq!(replies.metadata().get("grpc-encoding").unwrap(), name);
+        let mut replies = replies.into_inner();
+        within("a compressed reflection reply", replies.message())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}

@@ -12,6 +12,7 @@
 //! else trying it meanwhile gets ALREADY_EXISTS.
 
 use std::{
+    path::Path,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -57,6 +58,40 @@ impl Tokens {
     /// Tokens under a fresh random secret: valid until this process ends.
     pub fn ephemeral(ttl: Duration) -> Self {
         Self::new(&rand::rng().random::<[u8; 32]>(), ttl)
+    }
+
+    /// Tokens under the secret kept in `path`, made (32 random bytes, hex, file mode
+    /// 0600) the first time, so that tokens stay valid across restarts.
+    pub fn persistent(path: &Path, ttl: Duration) -> std::io::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(secret) => {
+                let secret = secret.trim();
+                if secret.len() < 32 {
+                    return Err(std::io::Error::other(format!(
+                        "{} holds a secret shorter than 32 characters",
+                        path.display()
+                    )));
+                }
+                Ok(Self::new(secret.as_bytes(), ttl))
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let secret: String = rand::rng()
+                    .random::<[u8; 32]>()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                let mut file = options.open(path)?;
+                std::io::Write::write_all(&mut file, secret.as_bytes())?;
+                file.sync_all()?;
+                tracing::info!(path = %path.display(), "made a new token signing secret");
+                Ok(Self::new(secret.as_bytes(), ttl))
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// A token for `identity`, and when it expires.
@@ -347,6 +382,25 @@ mod tests {
         let expired = Tokens::new(b"k", Duration::ZERO);
         let (token, _) = expired.issue(&alice());
         assert!(expired.verify(&token).is_err());
+    }
+
+    #[test]
+    fn a_persistent_secret_is_private_and_outlives_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token-secret");
+        let (token, _) = Tokens::persistent(&path, Duration::from_secs(60))
+            .unwrap()
+            .issue(&alice());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        let again = Tokens::persistent(&path, Duration::from_secs(60)).unwrap();
+        assert_eq!(again.verify(&token), Ok(alice()));
+        std::fs::write(&path, "short").unwrap();
+        assert!(Tokens::persistent(&path, Duration::from_secs(60)).is_err());
     }
 
     #[test]

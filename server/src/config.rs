@@ -66,6 +66,12 @@ pub struct Config {
     #[arg(long, env = "CONFAB_DEDUPE_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
     pub dedupe_window: Duration,
 
+    /// The secret session tokens are signed with (at least 32 characters). Unset: one is
+    /// made once and kept in `<data-dir>/token-secret` (mode 0600); with --in-memory, a
+    /// fresh one per process.
+    #[arg(long, env = "CONFAB_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+
     /// How long a session token is accepted.
     #[arg(long, env = "CONFAB_TOKEN_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,

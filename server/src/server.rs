@@ -14,7 +14,9 @@ use confab::pb::chat_service_server::ChatServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{service::interceptor::InterceptedService, transport::Server};
+use tonic::{
+    codec::CompressionEncoding, service::interceptor::InterceptedService, transport::Server,
+};
 
 use crate::{
     auth::{Authenticator, Nicknames, Tokens},
@@ -33,9 +35,25 @@ pub enum ServerError {
     /// The reflection service could not read the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A setting is unusable.
+    #[error("configuration: {0}")]
+    Config(String),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// Every service accepts gzip and zstd requests, and compresses its responses with
+/// whichever of them the client accepts (none unless it says so). The generated servers
+/// share these methods but no trait, hence a macro.
+macro_rules! compressed {
+    ($service:expr) => {
+        $service
+            .accept_compressed(CompressionEncoding::Gzip)
+            .accept_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Zstd)
+            .send_compressed(CompressionEncoding::Gzip)
+    };
 }
 
 /// Reflection over every service this server offers, so that grpcurl and `buf curl` can
@@ -72,7 +90,19 @@ pub async fn run(
             dedupe_window: config.dedupe_window,
         },
     )?);
-    let tokens = Arc::new(Tokens::ephemeral(config.token_ttl));
+    let tokens = Arc::new(match (&config.token_secret, config.in_memory) {
+        (Some(secret), _) if secret.len() < 32 => {
+            return Err(ServerError::Config(
+                "--token-secret must be at least 32 characters".into(),
+            ));
+        }
+        (Some(secret), _) => Tokens::new(secret.as_bytes(), config.token_ttl),
+        (None, true) => Tokens::ephemeral(config.token_ttl),
+        (None, false) => {
+            Tokens::persistent(&config.data_dir.join("token-secret"), config.token_ttl)
+                .map_err(|e| ServerError::Config(format!("token secret: {e}")))?
+        }
+    });
     let nicknames = Arc::new(Nicknames::new(config.nickname_lease));
     let drain = CancellationToken::new();
 
@@ -84,15 +114,16 @@ pub async fn run(
         config.max_text_bytes,
         config.stall_timeout,
     );
-    let chat = ChatServiceServer::new(chat)
+    let chat = compressed!(ChatServiceServer::new(chat))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes.max(1 << 20));
     let chat = InterceptedService::new(chat, Authenticator::new(tokens, nicknames.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ChatServiceServer<ChatServer>>().await;
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let health_service = compressed!(health_service);
+    let reflection_v1 = compressed!(reflection().build_v1()?);
+    let reflection_v1alpha = compressed!(reflection().build_v1alpha()?);
 
     // Nickname claims that lapsed are forgotten now and then, so the registry stays small.
     let pruner = {
