@@ -22,7 +22,7 @@ use tonic::{
     codec::CompressionEncoding,
     metadata::{AsciiMetadataValue, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use crate::pb::{
@@ -61,6 +61,15 @@ pub enum ClientError {
     StreamClosed,
 }
 
+/// How to check the server (and, for mutual TLS, who this client is).
+#[derive(Clone, Debug, Default)]
+pub struct Tls {
+    /// The CA (PEM) that signed the server's certificate; `None`: the usual web roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// For mutual TLS: this client's certificate and key (PEM).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// Adds `authorization: Bearer <token>` to every call once a token is known.
 #[derive(Clone, Default)]
 pub struct Credentials {
@@ -95,18 +104,37 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `address` (`http://host:port`), without logging in.
+    /// Connects to `address` (`http://host:port`, or `https://` with the web's usual
+    /// roots), without logging in.
     pub async fn connect(address: &str) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(address.to_owned())
-            .map_err(|source| ClientError::InvalidAddress {
-                address: address.to_owned(),
-                source,
-            })?
+        Self::connect_with(address, None).await
+    }
+
+    /// Connects to `address` with TLS settings (used for `https://` addresses).
+    pub async fn connect_with(address: &str, tls: Option<&Tls>) -> Result<Self, ClientError> {
+        let invalid = |source| ClientError::InvalidAddress {
+            address: address.to_owned(),
+            source,
+        };
+        let mut endpoint = Endpoint::from_shared(address.to_owned())
+            .map_err(invalid)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
+        if address.starts_with("https://") {
+            let tls = tls.cloned().unwrap_or_default();
+            let mut config = ClientTlsConfig::new();
+            config = match tls.ca_pem {
+                Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+                None => config.with_webpki_roots(),
+            };
+            if let Some((cert, key)) = tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint.tls_config(config).map_err(invalid)?;
+        }
         let channel = endpoint.connect().await?;
         Ok(Self::from_channel(channel))
     }

@@ -43,6 +43,8 @@ pub struct ConversationConfig {
     pub rooms: Vec<String>,
     /// How long to wait between attempts.
     pub backoff: Backoff,
+    /// TLS settings for `https://` servers.
+    pub tls: Option<crate::Tls>,
 }
 
 impl ConversationConfig {
@@ -53,6 +55,7 @@ impl ConversationConfig {
             nickname: nickname.into(),
             rooms: rooms.iter().map(|r| r.to_string()).collect(),
             backoff: Backoff::default(),
+            tls: None,
         }
     }
 }
@@ -314,10 +317,11 @@ impl Task {
     }
 
     async fn connect_and_chat(&mut self, attempt: &mut u32) -> Lost {
-        let mut client = match Client::connect(&self.config.server).await {
-            Ok(client) => client,
-            Err(error) => return Lost::Retry(error.to_string()),
-        };
+        let mut client =
+            match Client::connect_with(&self.config.server, self.config.tls.as_ref()).await {
+                Ok(client) => client,
+                Err(error) => return Lost::Retry(error.to_string()),
+            };
         if let Some(token) = &self.token
             && client.set_token(token).is_err()
         {

@@ -19,7 +19,7 @@ pub mod client;
 pub mod conversation;
 mod message;
 
-pub use client::{ChatSender, ChatStream, Client, ClientError};
+pub use client::{ChatSender, ChatStream, Client, ClientError, Tls};
 pub use conversation::{
     Backoff, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
 };

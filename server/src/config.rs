@@ -46,6 +46,18 @@ pub struct Config {
     #[arg(long, env = "CONFAB_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub stall_timeout: Duration,
 
+    /// TLS: the server's certificate chain (PEM). With --tls-key, the server speaks only TLS.
+    #[arg(long, env = "CONFAB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS: the server's private key (PEM).
+    #[arg(long, env = "CONFAB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
+    #[arg(long, env = "CONFAB_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Largest gRPC message the server accepts, in bytes; bigger frames are refused.
     #[arg(long, env = "CONFAB_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
     pub max_message_bytes: usize,

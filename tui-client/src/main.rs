@@ -32,6 +32,9 @@ struct Cli {
     /// server of its own].
     #[arg(long, env = "CONFAB_SERVER", global = true)]
     server: Option<String>,
+    /// The CA (PEM) that signed an `https://` server's certificate.
+    #[arg(long, env = "CONFAB_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Your nickname (default: $USER).
     #[arg(long, env = "CONFAB_NICK", global = true)]
     nick: Option<String>,
@@ -82,6 +85,16 @@ async fn main() -> anyhow::Result<()> {
         nickname: nick.clone(),
         rooms: cli.rooms.clone(),
         backoff: Default::default(),
+        tls: match &cli.tls_ca {
+            Some(path) => Some(confab::Tls {
+                ca_pem: Some(
+                    std::fs::read(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                ),
+                identity: None,
+            }),
+            None => None,
+        },
     };
     if let Some(Mode::Demo { users }) = cli.mode {
         let _server = match &cli.server {
