@@ -59,6 +59,21 @@ async fn tls_server(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> TestServer {
     TestServer::with(config).await
 }
 
+/// Whether a client with `tls` is kept out: refused at the handshake or at its first call.
+async fn refused(url: &str, tls: Option<&Tls>) -> bool {
+    match Client::connect_with(url, tls).await {
+        Err(_) => true,
+        Ok(client) => client
+            .rpc()
+            .login(pb::LoginRequest {
+                nickname: "outsider".into(),
+                resume_token: String::new(),
+            })
+            .await
+            .is_err(),
+    }
+}
+
 async fn chat_works(client: &mut Client) {
     client.login("alice").await.expect("login over TLS");
     let mut chat = Events::open(client).await;
@@ -88,33 +103,13 @@ async fn tls_needs_the_right_ca() {
         ca_pem: Some(Ca::new("stranger").pem()),
         identity: None,
     };
-    let refused = match Client::connect_with(&url, Some(&stranger)).await {
-        Err(_) => true,
-        Ok(client) => client
-            .rpc()
-            .login(pb::LoginRequest {
-                nickname: "mallory".into(),
-                resume_token: String::new(),
-            })
-            .await
-            .is_err(),
-    };
+    let kept_out = refused(&url, Some(&stranger)).await;
     assert!(
-        refused,
+        kept_out,
         "a server certificate from an unknown CA must be refused"
     );
 
-    let plain = match Client::connect(&server.url()).await {
-        Err(_) => true,
-        Ok(client) => client
-            .rpc()
-            .login(pb::LoginRequest {
-                nickname: "plain".into(),
-                resume_token: String::new(),
-            })
-            .await
-            .is_err(),
-    };
+    let plain = refused(&server.url(), None).await;
     assert!(
         plain,
         "a plaintext client must not get through to a TLS server"
@@ -144,19 +139,9 @@ async fn mutual_tls_needs_a_client_certificate() {
             ca_pem: Some(ca.pem()),
             identity,
         };
-        let refused = match Client::connect_with(&url, Some(&tls)).await {
-            Err(_) => true,
-            Ok(client) => client
-                .rpc()
-                .login(pb::LoginRequest {
-                    nickname: "bob".into(),
-                    resume_token: String::new(),
-                })
-                .await
-                .is_err(),
-        };
+        let kept_out = refused(&url, Some(&tls)).await;
         assert!(
-            refused,
+            kept_out,
             "a client without a certificate from the client CA must be refused"
         );
     }
