@@ -4,7 +4,9 @@ mod common;
 
 use std::{collections::HashSet, time::Duration};
 
-use common::{Events, Proxy, TestServer, client_at, command_error, flood, within};
+use common::{
+    Events, Proxy, TestServer, client_at, command_error, flood_past_a_stalled_reader, within,
+};
 use confab::pb::{ChatRequest, OutgoingMessage, PresenceKind, chat_response::Event};
 use confab_server::Config;
 use tonic::Code;
@@ -471,20 +473,8 @@ async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
         ..Config::default()
     };
     let server = TestServer::with(config).await;
-    let stalled_client = server.client("stalled").await;
-    let mut stalled = Events::open(&stalled_client).await;
-    stalled.join("flood", None).await;
-    let brisk_client = server.client("brisk").await;
-    let mut brisk = Events::open(&brisk_client).await;
-    brisk.join("flood", None).await;
-
-    let publishing = flood(server.client("publisher").await, "flood", MESSAGES);
-
-    // The brisk reader keeps up while the stalled one reads nothing.
-    assert_eq!(
-        brisk.seqs(MESSAGES as usize).await,
-        (1..=MESSAGES).collect::<Vec<_>>()
-    );
+    let (_stalled_client, mut stalled, publishing) =
+        flood_past_a_stalled_reader(&server, MESSAGES).await;
     let summary = within("the batch", publishing)
         .await
         .unwrap()

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{Events, Proxy, TestServer, flood, subscribe, within};
+use common::{Events, Proxy, TestServer, flood_past_a_stalled_reader, subscribe, within};
 use confab::{
     Backoff, Client, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
     pb::{self, chat_response::Event},
@@ -276,18 +276,8 @@ async fn a_stalled_reader_is_ended_and_resumes_without_loss() {
         ..Config::default()
     };
     let server = TestServer::with(config).await;
-    let stalled_client = server.client("stalled").await;
-    let mut stalled = Events::open(&stalled_client).await;
-    stalled.join("flood", None).await;
-    let brisk_client = server.client("brisk").await;
-    let mut brisk = Events::open(&brisk_client).await;
-    brisk.join("flood", None).await;
-
-    let publishing = flood(server.client("publisher").await, "flood", MESSAGES);
-    assert_eq!(
-        brisk.seqs(MESSAGES as usize).await,
-        (1..=MESSAGES).collect::<Vec<_>>()
-    );
+    let (stalled_client, mut stalled, publishing) =
+        flood_past_a_stalled_reader(&server, MESSAGES).await;
     within("the batch", publishing).await.unwrap().unwrap();
 
     // The stalled reader reads what reached it, then learns it was cut off.

@@ -276,6 +276,33 @@ pub fn flood(
     tokio::spawn(async move { client.rpc().publish_batch(batch).await })
 }
 
+/// A reader that stops reading while `count` messages flood room `flood`: joins it and a
+/// brisk reader, publishes, and checks that the brisk reader got every message in order
+/// meanwhile. Returns the stalled reader's client and stream (not read yet) and the batch.
+pub async fn flood_past_a_stalled_reader(
+    server: &TestServer,
+    count: u64,
+) -> (
+    Client,
+    Events,
+    JoinHandle<Result<tonic::Response<PublishBatchResponse>, Status>>,
+) {
+    let stalled_client = server.client("stalled").await;
+    let mut stalled = Events::open(&stalled_client).await;
+    stalled.join("flood", None).await;
+    let brisk_client = server.client("brisk").await;
+    let mut brisk = Events::open(&brisk_client).await;
+    brisk.join("flood", None).await;
+
+    let publishing = flood(server.client("publisher").await, "flood", count);
+    assert_eq!(
+        brisk.seqs(count as usize).await,
+        (1..=count).collect::<Vec<_>>(),
+        "the brisk reader keeps up while the stalled one reads nothing"
+    );
+    (stalled_client, stalled, publishing)
+}
+
 /// A `Subscribe` stream of one room after `after_seq`.
 pub async fn subscribe(
     client: &Client,
