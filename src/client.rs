@@ -365,6 +365,35 @@ impl ChatSender {
         .await
     }
 
+    /// Owner only: lets `user` into private `room` (and lifts a ban); `moderation_done` confirms.
+    pub async fn invite(&self, room: &str, user: &str) -> Result<u64, ClientError> {
+        self.command(Command::Invite(pb::Invite {
+            room: room.to_owned(),
+            user: user.to_owned(),
+        }))
+        .await
+    }
+
+    /// Owner only: puts `user` out of `room` (they may come back).
+    pub async fn kick(&self, room: &str, user: &str, reason: &str) -> Result<u64, ClientError> {
+        self.command(Command::Kick(pb::Kick {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            reason: reason.to_owned(),
+        }))
+        .await
+    }
+
+    /// Owner only: puts `user` out of `room` and keeps them out.
+    pub async fn ban(&self, room: &str, user: &str, reason: &str) -> Result<u64, ClientError> {
+        self.command(Command::Ban(pb::Ban {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            reason: reason.to_owned(),
+        }))
+        .await
+    }
+
     /// Asks for a pong carrying `client_time_micros`.
     pub async fn ping(&self, client_time_micros: i64) -> Result<u64, ClientError> {
         self.command(Command::Ping(pb::Ping { client_time_micros }))

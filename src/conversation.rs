@@ -14,9 +14,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
+    num::NonZeroU32,
     time::Duration,
 };
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng as _;
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -24,7 +26,7 @@ use tonic::Code;
 use crate::{
     Client, ClientError,
     client::{ChatSender, new_client_msg_id},
-    pb::{self, ChatResponse, OutgoingMessage, chat_response::Event},
+    pb::{self, ChatResponse, OutgoingMessage, chat_request::Command, chat_response::Event},
 };
 
 /// Events the application queues before `say` and friends wait.
@@ -142,6 +144,7 @@ enum Op {
     Typing(String, bool),
     Ping(i64),
     SetTopic(String, String),
+    Moderate(Command),
     ListRooms,
 }
 
@@ -218,6 +221,35 @@ impl Conversation {
     pub async fn set_topic(&self, room: &str, topic: &str) -> Result<(), ClientError> {
         self.op(Op::SetTopic(room.to_owned(), topic.to_owned()))
             .await
+    }
+
+    /// Owner only: lets `user` into private `room`; `moderation_done` (or an error) answers.
+    pub async fn invite(&self, room: &str, user: &str) -> Result<(), ClientError> {
+        self.op(Op::Moderate(Command::Invite(pb::Invite {
+            room: room.to_owned(),
+            user: user.to_owned(),
+        })))
+        .await
+    }
+
+    /// Owner only: puts `user` out of `room`.
+    pub async fn kick(&self, room: &str, user: &str, reason: &str) -> Result<(), ClientError> {
+        self.op(Op::Moderate(Command::Kick(pb::Kick {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            reason: reason.to_owned(),
+        })))
+        .await
+    }
+
+    /// Owner only: puts `user` out of `room` and keeps them out.
+    pub async fn ban(&self, room: &str, user: &str, reason: &str) -> Result<(), ClientError> {
+        self.op(Op::Moderate(Command::Ban(pb::Ban {
+            room: room.to_owned(),
+            user: user.to_owned(),
+            reason: reason.to_owned(),
+        })))
+        .await
     }
 
     /// Asks for the server's rooms; they arrive as [`ConversationEvent::Rooms`].
@@ -308,7 +340,7 @@ impl Task {
             }
             // Ephemeral, or needing the server: meaningless later.
             Op::Typing(..) | Op::Ping(_) | Op::SetTopic(..) => {}
-            Op::ListRooms => {
+            Op::ListRooms | Op::Moderate(_) => {
                 let _ = self.events.try_send(ConversationEvent::Failed(
                     "not connected; try again once connected".into(),
                 ));
@@ -327,9 +359,13 @@ impl Task {
         {
             self.token = None;
         }
-        if let Err(error) = client.login(&self.config.nickname).await {
-            return Lost::Retry(format!("login failed: {error}"));
-        }
+        let limits = match client.login(&self.config.nickname).await {
+            Ok(reply) => reply.limits.unwrap_or_default(),
+            Err(error) => return Lost::Retry(format!("login failed: {error}")),
+        };
+        let pacer = pacer(&limits);
+        // Set when the server refused a message for the rate: nothing is sent before it.
+        let mut hold_until: Option<tokio::time::Instant> = None;
         self.token = client.token().map(str::to_owned);
         let chat = match client.chat().await {
             Ok(chat) => chat,
@@ -360,7 +396,7 @@ impl Task {
         // waited to send while the server waited for it to read would never move again.)
         loop {
             tokio::select! {
-                () = std::future::ready(()), if !unsent.is_empty() && sender.has_room() => {
+                () = pace(pacer.as_ref(), hold_until), if !unsent.is_empty() && sender.has_room() => {
                     let Some(message) = unsent.pop_front() else { continue };
                     let client_msg_id = message.client_msg_id.clone();
                     match sender.send(message).await {
@@ -406,7 +442,20 @@ impl Task {
                             self.pending.retain(|m| m.client_msg_id != ack.client_msg_id);
                         }
                         Event::Error(error) => {
-                            // A refused send is final: it will not be sent again.
+                            // Over the send rate (which pacing keeps clear of, but the
+                            // user may have other clients): wait as told, send it again.
+                            if Code::from(error.code) == Code::ResourceExhausted
+                                && let Some(retry_after) = error.retry_after
+                                && let Some(client_msg_id) = sends.remove(&id)
+                            {
+                                let wait = Duration::try_from(retry_after).unwrap_or_default();
+                                if let Some(message) = self.pending.iter().find(|m| m.client_msg_id == client_msg_id) {
+                                    unsent.push_front(message.clone());
+                                }
+                                hold_until = Some(tokio::time::Instant::now() + wait.min(Duration::from_secs(5)));
+                                continue;
+                            }
+                            // Any other refused send is final: it will not be sent again.
                             if let Some(client_msg_id) = sends.remove(&id) {
                                 self.pending.retain(|m| m.client_msg_id != client_msg_id);
                                 let refused = ConversationEvent::Refused { client_msg_id, error: error.clone() };
@@ -449,6 +498,10 @@ impl Task {
                             {
                                 return Lost::Closed;
                             }
+                        }
+                        Event::Left(left) if left.reason != pb::LeaveReason::Requested as i32 => {
+                            // Put out by the owner: not to be rejoined on a reconnect.
+                            self.rooms.remove(&left.room);
                         }
                         Event::Reconnect(notice) => {
                             return Lost::Retry(format!("the server asked to reconnect: {}", notice.reason));
@@ -503,6 +556,9 @@ impl Task {
             Op::SetTopic(room, topic) => {
                 sender.set_topic(&room, &topic).await?;
             }
+            Op::Moderate(command) => {
+                sender.command(command).await?;
+            }
             Op::ListRooms => {
                 // A unary call beside the stream, answered from its own task so that the
                 // stream keeps flowing meanwhile.
@@ -525,6 +581,29 @@ impl Task {
             }
         }
         Ok(())
+    }
+}
+
+/// A local token bucket a little inside the server's send limit, so that paced messages
+/// are never refused (network jitter can bunch them up on the way); none without a limit.
+fn pacer(limits: &pb::ServerLimits) -> Option<DefaultDirectRateLimiter> {
+    let rate = limits.send_rate_per_second * 0.9;
+    if !(rate > 0.0 && rate.is_finite()) {
+        return None;
+    }
+    let burst = NonZeroU32::new(limits.send_burst.saturating_sub(2).max(1))?;
+    let quota = Quota::with_period(Duration::from_secs_f64(1.0 / rate))?.allow_burst(burst);
+    Some(RateLimiter::direct(quota))
+}
+
+/// Resolves when the pacer lets the next message go (at once without one), and not before
+/// `hold_until`.
+async fn pace(pacer: Option<&DefaultDirectRateLimiter>, hold_until: Option<tokio::time::Instant>) {
+    if let Some(hold_until) = hold_until {
+        tokio::time::sleep_until(hold_until).await;
+    }
+    if let Some(pacer) = pacer {
+        pacer.until_ready().await;
     }
 }
 

@@ -177,7 +177,7 @@ async fn presence_counts_streams_not_connections() {
 /// A client whose connection is closed without a word (killed process) leaves the room.
 #[tokio::test]
 async fn a_killed_connection_leaves_the_room() {
-    leaves_when_its_connection_fails(Config::default(), Proxy::cut).await;
+    leaves_when_its_connection_fails(common::config(), Proxy::cut).await;
 }
 
 /// A client whose network goes silent (no FIN, no RST) is found dead by keepalive and
@@ -187,7 +187,7 @@ async fn a_silent_connection_is_found_by_keepalive_and_leaves() {
     let config = Config {
         keepalive_interval: Duration::from_millis(500),
         keepalive_timeout: Duration::from_millis(500),
-        ..Config::default()
+        ..common::config()
     };
     leaves_when_its_connection_fails(config, Proxy::freeze).await;
 }
@@ -215,7 +215,7 @@ async fn leaves_when_its_connection_fails(config: Config, fail: impl FnOnce(&Pro
 async fn bad_commands_get_errors_and_the_stream_goes_on() {
     let config = Config {
         max_text_bytes: 16,
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::with(config).await;
     let alice = server.client("alice").await;
@@ -227,6 +227,7 @@ async fn bad_commands_get_errors_and_the_stream_goes_on() {
         .create_room(confab::pb::CreateRoomRequest {
             room: "elsewhere".into(),
             topic: String::new(),
+            private: false,
         })
         .await
         .unwrap();
@@ -337,7 +338,7 @@ async fn oversized_frames_are_refused_by_the_size_limit() {
     let config = Config {
         max_message_bytes: 8 * 1024,
         max_text_bytes: 64 * 1024,
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::with(config).await;
     let alice = server.client("alice").await;
@@ -407,7 +408,7 @@ async fn typing_is_ephemeral_and_ping_gets_pong() {
 async fn join_replays_recent_history_or_resumes_after_a_seq() {
     let config = Config {
         history_on_join: 5,
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::with(config).await;
     let alice = server.client("alice").await;
@@ -470,7 +471,7 @@ async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
     const MESSAGES: u64 = 20_000;
     let config = Config {
         ring_capacity: 16,
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::with(config).await;
     let (_stalled_client, mut stalled, publishing) =

@@ -273,7 +273,7 @@ async fn a_stalled_reader_is_ended_and_resumes_without_loss() {
     const MESSAGES: u64 = 20_000;
     let config = Config {
         stall_timeout: Duration::from_millis(100),
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::with(config).await;
     let (stalled_client, mut stalled, publishing) =
@@ -314,7 +314,7 @@ async fn retries_are_stored_once_even_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         data_dir: dir.path().to_owned(),
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::on("127.0.0.1:0", config.clone()).await;
     let alice = server.client("alice").await;
@@ -404,7 +404,7 @@ async fn resuming_past_retention_reports_the_gap() {
     let config = Config {
         retention_messages: Some(10),
         retention_interval: Duration::from_millis(50),
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::with(config).await;
     let alice = server.client("alice").await;
@@ -413,6 +413,7 @@ async fn resuming_past_retention_reports_the_gap() {
         .create_room(pb::CreateRoomRequest {
             room: "r".into(),
             topic: String::new(),
+            private: false,
         })
         .await
         .unwrap();
@@ -510,7 +511,7 @@ async fn tokens_outlive_a_restart_and_expire() {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         data_dir: dir.path().to_owned(),
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::on("127.0.0.1:0", config.clone()).await;
     let token = server.client("alice").await.token().unwrap().to_owned();
@@ -527,7 +528,7 @@ async fn tokens_outlive_a_restart_and_expire() {
 
     let short_lived = TestServer::with(Config {
         token_ttl: Duration::ZERO,
-        ..Config::default()
+        ..common::config()
     })
     .await;
     let bob = short_lived.client("bob").await;

@@ -211,6 +211,7 @@ async fn every_service_speaks_gzip_and_zstd() {
             .create_room(pb::CreateRoomRequest {
                 room: format!("room-{name}"),
                 topic: "x".repeat(200),
+                private: false,
             })
             .await
             .expect("a compressed request is accepted");

@@ -36,6 +36,7 @@ async fn create(client: &Client, room: &str) {
         .create_room(pb::CreateRoomRequest {
             room: room.into(),
             topic: format!("all about {room}"),
+            private: false,
         })
         .await
         .expect("create room");
@@ -278,6 +279,7 @@ async fn rooms_are_created_described_and_listed_in_pages() {
         .create_room(pb::CreateRoomRequest {
             room: "room-00".into(),
             topic: String::new(),
+            private: false,
         })
         .await
         .unwrap_err();
@@ -287,6 +289,7 @@ async fn rooms_are_created_described_and_listed_in_pages() {
         .create_room(pb::CreateRoomRequest {
             room: "topical".into(),
             topic: "x".repeat(600),
+            private: false,
         })
         .await
         .unwrap_err();

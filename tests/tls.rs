@@ -54,7 +54,7 @@ async fn tls_server(dir: &Path, ca: &Ca, client_ca: Option<&Ca>) -> TestServer {
         tls_cert: Some(write(dir, "server.pem", &cert)),
         tls_key: Some(write(dir, "server.key", &key)),
         tls_client_ca: client_ca.map(|c| write(dir, "client-ca.pem", &c.pem())),
-        ..Config::default()
+        ..common::config()
     };
     TestServer::with(config).await
 }

@@ -185,7 +185,7 @@ async fn the_client_rides_out_a_server_restart() {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         data_dir: dir.path().to_owned(),
-        ..Config::default()
+        ..common::config()
     };
     let server = TestServer::on("127.0.0.1:0", config.clone()).await;
     let addr = server.addr.to_string();

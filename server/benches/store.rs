@@ -28,6 +28,8 @@ fn room(name: String) -> RoomRecord {
         created_at: SystemTime::now(),
         created_by: "bench".into(),
         head_seq: 0,
+        private: false,
+        access: Default::default(),
     }
 }
 

@@ -332,11 +332,15 @@ impl Interceptor for Authenticator {
 }
 
 /// The caller's identity; UNAUTHENTICATED when the call carried no token.
+/// It is recorded as `user` on the call's span.
 pub fn caller<T>(request: &Request<T>) -> Result<Identity, Status> {
     request
         .extensions()
         .get::<Identity>()
         .cloned()
+        .inspect(|identity| {
+            tracing::Span::current().record("user", identity.nickname.as_str());
+        })
         .ok_or_else(|| {
             ChatError::Unauthenticated(
                 "this call needs `authorization: Bearer <token>` metadata; call Login first".into(),

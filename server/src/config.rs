@@ -104,6 +104,14 @@ pub struct Config {
     #[arg(long, env = "CONFAB_SHUTDOWN_GRACE", default_value = "3s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (off unless set).
+    #[arg(long, env = "CONFAB_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Flood control.
+    #[command(flatten)]
+    pub limits: crate::limits::LimitConfig,
+
     /// Log format (the level comes from RUST_LOG, default `info`).
     #[arg(long, env = "CONFAB_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -24,7 +24,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{
     error::ChatError,
-    hub::{Room, RoomEvent},
+    hub::{Removal, Room, RoomEvent},
     store::Store,
 };
 
@@ -46,6 +46,8 @@ pub enum Delivery {
         /// The last missing seq.
         to: u64,
     },
+    /// The room's owner put the reader out (see [`crate::hub::Presence::removed`]).
+    Removed(Arc<Removal>),
 }
 
 /// One reader's position in one room.
@@ -98,6 +100,7 @@ impl Cursor {
         loop {
             if let Some(message) = self.backlog.pop_front() {
                 self.next_seq = message.seq + 1;
+                self.room.metrics().deliveries.inc();
                 return Ok(Some(Delivery::Event(RoomEvent::Message(message))));
             }
             if self.next_seq <= self.replay_until {
@@ -119,6 +122,7 @@ impl Cursor {
                         continue;
                     }
                     self.next_seq = message.seq + 1;
+                    self.room.metrics().deliveries.inc();
                     return Ok(Some(Delivery::Event(RoomEvent::Message(message))));
                 }
                 Ok(RoomEvent::Typing(typing))
@@ -136,6 +140,7 @@ impl Cursor {
                         skipped,
                         "reader lagged; reading from the store"
                     );
+                    self.room.metrics().lagged_backfills.inc();
                     self.replay_until = self.replay_until.max(self.room.head_seq());
                 }
                 Err(RecvError::Closed) => return Ok(None),

@@ -69,6 +69,15 @@ pub enum ChatError {
     /// No or bad credentials: UNAUTHENTICATED.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller may not do this (not the owner, banned, not invited): PERMISSION_DENIED,
+    /// with the field that names the room.
+    #[error("{description}")]
+    PermissionDenied {
+        /// The field naming what is out of bounds.
+        field: String,
+        /// Why, for people.
+        description: String,
+    },
     /// Too many requests: RESOURCE_EXHAUSTED with RetryInfo.
     #[error("{description}")]
     ResourceExhausted {
@@ -99,6 +108,14 @@ impl ChatError {
         }
     }
 
+    /// PERMISSION_DENIED about `field`.
+    pub fn denied(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::PermissionDenied {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+
     /// FAILED_PRECONDITION about `field`.
     pub fn precondition(field: impl Into<String>, description: impl Into<String>) -> Self {
         Self::FailedPrecondition {
@@ -115,6 +132,7 @@ impl ChatError {
             Self::RoomExists(_) | Self::NicknameTaken(_) => Code::AlreadyExists,
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::ResourceExhausted { .. } => Code::ResourceExhausted,
             Self::ShuttingDown => Code::Unavailable,
             Self::Store(_) => Code::Internal,
@@ -125,7 +143,9 @@ impl ChatError {
     fn violation(&self) -> Option<Violation> {
         match self {
             Self::InvalidArgument(v) => Some(v.clone()),
-            Self::RoomNotFound { field, .. } | Self::FailedPrecondition { field, .. } => {
+            Self::RoomNotFound { field, .. }
+            | Self::FailedPrecondition { field, .. }
+            | Self::PermissionDenied { field, .. } => {
                 Some(Violation::new(field.clone(), self.to_string()))
             }
             _ => None,
@@ -141,6 +161,10 @@ impl ChatError {
                 room,
             },
             Self::FailedPrecondition { field, description } => Self::FailedPrecondition {
+                field: format!("{prefix}.{field}"),
+                description,
+            },
+            Self::PermissionDenied { field, description } => Self::PermissionDenied {
                 field: format!("{prefix}.{field}"),
                 description,
             },

@@ -27,12 +27,14 @@ use confab::{
 };
 use dashmap::{DashMap, mapref::entry::Entry};
 use futures::{FutureExt as _, future::Shared};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::{
     cursor::Cursor,
     error::ChatError,
-    store::{Committed, RoomRecord, Store, StoreError, on_commit},
+    limits::Limits,
+    metrics::Metrics,
+    store::{Access, Committed, RoomRecord, Store, StoreError, on_commit},
     validate::Outgoing,
 };
 
@@ -73,8 +75,29 @@ pub struct Published {
     pub duplicate: bool,
 }
 
+/// Why the owner put a user out of a room, as its streams are told.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Removal {
+    /// Kicked or banned.
+    pub reason: pb::LeaveReason,
+    /// The owner who did it.
+    pub by: String,
+    /// The owner's words, if any.
+    pub message: String,
+}
+
+/// What the owner does to a user.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Moderation {
+    /// Admit to the private room, and lift a ban.
+    Invite,
+    /// Put out; may come back.
+    Kick(String),
+    /// Put out and keep out.
+    Ban(String),
+}
+
 /// A chat room.
-#[derive(Debug)]
 pub struct Room {
     /// The room's name (validated; never changes).
     name: String,
@@ -89,6 +112,14 @@ pub struct Room {
     /// operations, never across an `.await`, and it is what orders appends, so seqs are
     /// assigned without holes and reach the store in order.
     state: Mutex<RoomState>,
+    /// Shared figures (messages in, commit latency).
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Room {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Room").field("name", &self.name).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -99,6 +130,9 @@ struct RoomState {
     /// Present users and how many of their streams joined. A `BTreeMap` so that member
     /// lists come out sorted, as `ListMembers` pages them.
     members: BTreeMap<String, usize>,
+    /// Per present user (lower-cased), where a kick or ban is announced to each of
+    /// their streams in the room.
+    removals: HashMap<String, watch::Sender<Option<Arc<Removal>>>>,
     /// Recent idempotency keys, including those whose message is not committed yet (the
     /// store cannot see those), so a quick retry waits for the original instead of being
     /// stored twice.
@@ -147,7 +181,7 @@ fn now() -> prost_types::Timestamp {
 }
 
 impl Room {
-    fn new(record: RoomRecord, ring_capacity: usize) -> Self {
+    fn new(record: RoomRecord, ring_capacity: usize, metrics: Arc<Metrics>) -> Self {
         let (events, _) = broadcast::channel(ring_capacity);
         Self {
             name: record.name.clone(),
@@ -156,9 +190,79 @@ impl Room {
             state: Mutex::new(RoomState {
                 record,
                 members: BTreeMap::new(),
+                removals: HashMap::new(),
                 recent: RecentSends::default(),
             }),
+            metrics,
         }
+    }
+
+    /// The shared figures.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// PERMISSION_DENIED unless `user` may be in the room: the owner always; others
+    /// unless banned, and in a private room only when invited.
+    pub fn admit(&self, user: &str) -> Result<(), ChatError> {
+        admit(&self.state().record, user)
+    }
+
+    /// The owner's `action` on `target`; PERMISSION_DENIED unless `by` owns the room.
+    /// Resolves once what must be kept (an invite, a ban) is stored; a kicked or banned
+    /// user's streams are put out at once.
+    pub async fn moderate(
+        &self,
+        store: &dyn Store,
+        by: &str,
+        target: &str,
+        action: Moderation,
+    ) -> Result<(), ChatError> {
+        let stored = {
+            let mut state = self.state();
+            let owner = state.record.created_by.to_lowercase();
+            if by.to_lowercase() != owner {
+                return Err(ChatError::denied("room", format!(
+                    "only the room's owner ({}) may invite, kick or ban",
+                    state.record.created_by
+                )));
+            }
+            let key = target.to_lowercase();
+            if key == owner {
+                return Err(ChatError::invalid("user", "the owner cannot be put out of their own room"));
+            }
+            let (access, removal) = match action {
+                Moderation::Invite => (Some(Some(Access::Invited)), None),
+                Moderation::Kick(message) => (None, Some((pb::LeaveReason::Kicked, message))),
+                Moderation::Ban(message) => {
+                    (Some(Some(Access::Banned)), Some((pb::LeaveReason::Banned, message)))
+                }
+            };
+            if let Some((reason, message)) = removal
+                && let Some(removals) = state.removals.get(&key)
+            {
+                removals.send_replace(Some(Arc::new(Removal {
+                    reason,
+                    by: by.to_owned(),
+                    message,
+                })));
+                // Streams that join from now on get a fresh, unremoved channel.
+                state.removals.insert(key.clone(), watch::channel(None).0);
+            }
+            access.map(|access| {
+                match access {
+                    Some(access) => state.record.access.insert(key.clone(), access),
+                    None => state.record.access.remove(&key),
+                };
+                let (done, stored) = on_commit();
+                store.set_access(&self.name, &key, access, done);
+                stored
+            })
+        };
+        if let Some(stored) = stored {
+            stored.await?;
+        }
+        Ok(())
     }
 
     fn state(&self) -> MutexGuard<'_, RoomState> {
@@ -199,6 +303,7 @@ impl Room {
     ) -> Result<Published, ChatError> {
         let (seq, duplicate, commit) = {
             let mut state = self.state();
+            admit(&state.record, sender)?;
             let key = (sender.to_owned(), message.client_msg_id.clone());
             if let Some((seq, commit)) = state.recent.get(&key, dedupe_window) {
                 (seq, true, commit)
@@ -231,7 +336,7 @@ impl Room {
                     .recent
                     .insert(key, seq, commit.clone(), self.head_seq());
                 // Called under the lock so the store gets each room's messages in seq order.
-                store.append(stored.clone(), self.on_committed(stored, tx));
+                store.append(stored.clone(), self.on_committed(stored, tx, Instant::now()));
                 (seq, false, commit)
             }
         };
@@ -248,10 +353,13 @@ impl Room {
         self: &Arc<Self>,
         message: ChatMessage,
         sender: oneshot::Sender<Result<(), StoreError>>,
+        appended: Instant,
     ) -> Committed {
         let room = self.clone();
         Box::new(move |result| {
             if result.is_ok() {
+                room.metrics.committed(appended.elapsed());
+                room.metrics.messages_in.inc();
                 room.committed.store(message.seq, Ordering::SeqCst);
                 // `send` fails only when no one is reading, which is fine.
                 let _ = room.events.send(RoomEvent::Message(message));
@@ -319,8 +427,14 @@ impl Room {
         user: &str,
         after_seq: Option<u64>,
         history: u64,
-    ) -> (pb::Joined, Cursor, Presence) {
+    ) -> Result<(pb::Joined, Cursor, Presence), ChatError> {
         let mut state = self.state();
+        admit(&state.record, user)?;
+        let removed = state
+            .removals
+            .entry(user.to_lowercase())
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
         let live = self.events.subscribe();
         let head = self.head_seq();
         let start_after = match after_seq {
@@ -351,8 +465,9 @@ impl Room {
         let presence = Presence {
             room: self.clone(),
             user: user.to_owned(),
+            removed,
         };
-        (joined, cursor, presence)
+        Ok((joined, cursor, presence))
     }
 
     /// Opens a read-only cursor (no presence): after `after_seq`, or live from the head.
@@ -372,6 +487,7 @@ impl Room {
         *streams -= 1;
         if *streams == 0 {
             state.members.remove(user);
+            state.removals.remove(&user.to_lowercase());
             self.presence(user, PresenceKind::Left);
         }
     }
@@ -399,6 +515,30 @@ fn info(state: &RoomState, head_seq: u64) -> pb::RoomInfo {
         member_count: u32::try_from(state.members.len()).unwrap_or(u32::MAX),
         created_at: Some(record.created_at.into()),
         created_by: record.created_by.clone(),
+        private: record.private,
+    }
+}
+
+/// Whether `user` may be in the room `record` describes.
+fn admit(record: &RoomRecord, user: &str) -> Result<(), ChatError> {
+    if !record.private && record.access.is_empty() {
+        return Ok(());
+    }
+    let key = user.to_lowercase();
+    if key == record.created_by.to_lowercase() {
+        return Ok(());
+    }
+    match record.access.get(&key) {
+        Some(Access::Banned) => Err(ChatError::denied("room", format!(
+            "you are banned from room {:?}",
+            record.name
+        ))),
+        Some(Access::Invited) => Ok(()),
+        None if record.private => Err(ChatError::denied("room", format!(
+            "room {:?} is private; its owner must invite you",
+            record.name
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -419,6 +559,26 @@ fn page<'a>(
 pub struct Presence {
     room: Arc<Room>,
     user: String,
+    /// Becomes `Some` when the owner puts the user out.
+    removed: watch::Receiver<Option<Arc<Removal>>>,
+}
+
+impl Presence {
+    /// Resolves when the owner kicks or bans the user (never, otherwise).
+    pub fn removed(&self) -> impl std::future::Future<Output = Arc<Removal>> + Send + 'static {
+        let mut removed = self.removed.clone();
+        async move {
+            loop {
+                if let Some(removal) = removed.borrow_and_update().clone() {
+                    return removal;
+                }
+                if removed.changed().await.is_err() {
+                    // The member left and its channel is gone: nothing more will come.
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Presence {
@@ -436,23 +596,49 @@ pub struct Hub {
     store: Arc<dyn Store>,
     /// Settings.
     config: HubConfig,
+    /// Rate limits and counts.
+    limits: Arc<Limits>,
+    /// Shared figures.
+    metrics: Arc<Metrics>,
 }
 
 impl Hub {
     /// A hub over `store`, with the rooms it already holds.
-    pub fn new(store: Arc<dyn Store>, config: HubConfig) -> Result<Self, StoreError> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: HubConfig,
+        limits: Arc<Limits>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let rooms = DashMap::new();
         for record in store.rooms()? {
             rooms.insert(
                 record.name.clone(),
-                Arc::new(Room::new(record, config.ring_capacity)),
+                Arc::new(Room::new(record, config.ring_capacity, metrics.clone())),
             );
         }
         Ok(Self {
             rooms,
             store,
             config,
+            limits,
+            metrics,
         })
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The shared figures.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// How many rooms there are.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
     }
 
     /// The storage engine.
@@ -479,11 +665,16 @@ impl Hub {
         name: &str,
         topic: &str,
         creator: &str,
+        private: bool,
     ) -> Result<Arc<Room>, ChatError> {
+        if self.rooms.contains_key(name) {
+            return Err(ChatError::RoomExists(name.to_owned()));
+        }
+        self.limits.create_room(creator, self.rooms.len())?;
         let (room, stored) = match self.rooms.entry(name.to_owned()) {
             Entry::Occupied(_) => return Err(ChatError::RoomExists(name.to_owned())),
             Entry::Vacant(slot) => {
-                let (room, stored) = self.new_room(name, topic, creator);
+                let (room, stored) = self.new_room(name, topic, creator, private);
                 (slot.insert(room).clone(), stored)
             }
         };
@@ -496,10 +687,11 @@ impl Hub {
         if let Some(room) = self.rooms.get(name) {
             return Ok(room.clone());
         }
+        self.limits.create_room(creator, self.rooms.len())?;
         let (room, stored) = match self.rooms.entry(name.to_owned()) {
             Entry::Occupied(room) => return Ok(room.get().clone()),
             Entry::Vacant(slot) => {
-                let (room, stored) = self.new_room(name, "", creator);
+                let (room, stored) = self.new_room(name, "", creator, false);
                 (slot.insert(room).clone(), stored)
             }
         };
@@ -514,6 +706,7 @@ impl Hub {
         name: &str,
         topic: &str,
         creator: &str,
+        private: bool,
     ) -> (
         Arc<Room>,
         impl std::future::Future<Output = Result<(), StoreError>> + use<>,
@@ -524,8 +717,14 @@ impl Hub {
             created_at: SystemTime::now(),
             created_by: creator.to_owned(),
             head_seq: 0,
+            private,
+            access: Default::default(),
         };
-        let room = Arc::new(Room::new(record.clone(), self.config.ring_capacity));
+        let room = Arc::new(Room::new(
+            record.clone(),
+            self.config.ring_capacity,
+            self.metrics.clone(),
+        ));
         let (done, stored) = on_commit();
         self.store.create_room(record, done);
         tracing::info!(room = name, by = creator, "room created");
@@ -553,6 +752,7 @@ impl Hub {
         message: Outgoing,
     ) -> Result<Published, ChatError> {
         let room = self.room(field, &message.room)?;
+        self.limits.send(sender)?;
         room.append(
             self.store.as_ref(),
             sender,
@@ -573,6 +773,8 @@ mod tests {
     use crate::{cursor::Delivery, store::MemoryStore};
 
     fn hub(ring_capacity: usize) -> Hub {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Limits::new(crate::limits::LimitConfig::unlimited(), metrics.clone());
         Hub::new(
             Arc::new(MemoryStore::new()),
             HubConfig {
@@ -580,6 +782,8 @@ mod tests {
                 history_on_join: 3,
                 dedupe_window: Duration::from_secs(600),
             },
+            Arc::new(limits.unwrap()),
+            metrics,
         )
         .unwrap()
     }
@@ -646,7 +850,7 @@ mod tests {
         for i in 0..10 {
             say(&hub, "r", &i.to_string()).await;
         }
-        let (joined, mut cursor, _presence) = room.join(hub.store().clone(), "bob", None, 3);
+        let (joined, mut cursor, _presence) = room.join(hub.store().clone(), "bob", None, 3).unwrap();
         assert_eq!(joined.replay_from_seq, 8);
         assert_eq!(joined.members, vec!["bob".to_string()]);
         say(&hub, "r", "live").await;
@@ -660,8 +864,8 @@ mod tests {
         let hub = hub(16);
         let room = hub.open_room("r", "alice").await.unwrap();
         let mut watcher = room.tail(hub.store().clone(), None);
-        let (_, _, first) = room.join(hub.store().clone(), "bob", None, 0);
-        let (_, _, second) = room.join(hub.store().clone(), "bob", None, 0);
+        let (_, _, first) = room.join(hub.store().clone(), "bob", None, 0).unwrap();
+        let (_, _, second) = room.join(hub.store().clone(), "bob", None, 0).unwrap();
         drop(first);
         assert_eq!(room.info().member_count, 1);
         drop(second);

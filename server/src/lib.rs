@@ -17,6 +17,8 @@
 //! * [`cursor`]: one reader in one room: replay, live, catch-up; no gaps, no duplicates.
 //! * [`outbound`]: the sending half of a server stream, and how a stream ends.
 //! * [`store`]: the storage engine behind the hub.
+//! * [`limits`]: flood control (send rate, room creation, connections, streams, rooms).
+//! * [`metrics`]: the Prometheus figures and their endpoint.
 //! * [`validate`], [`pagination`], [`error`]: checks of client input and how failures
 //!   become gRPC statuses.
 //!
@@ -27,6 +29,8 @@ pub mod config;
 pub mod cursor;
 pub mod error;
 pub mod hub;
+pub mod limits;
+pub mod metrics;
 pub mod outbound;
 pub mod pagination;
 pub mod server;
@@ -36,4 +40,4 @@ pub mod store;
 pub mod validate;
 
 pub use config::{Config, LogFormat};
-pub use server::{ServerError, run};
+pub use server::{ServerError, run, run_with_metrics};

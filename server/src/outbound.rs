@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::error::ChatError;
+use crate::{error::ChatError, metrics::Metrics};
 
 /// Events a stream holds before its task waits for the client to read.
 pub const OUTBOUND_BUFFER: usize = 32;
@@ -51,6 +51,8 @@ pub struct Outbound<T> {
     shutdown: CancellationToken,
     /// How long one send may wait for a client that is not reading.
     stall_timeout: Duration,
+    /// Where a stalled client is counted.
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl<T: Send + 'static> Outbound<T> {
@@ -58,6 +60,7 @@ impl<T: Send + 'static> Outbound<T> {
     pub fn channel(
         shutdown: CancellationToken,
         stall_timeout: Duration,
+        metrics: std::sync::Arc<Metrics>,
     ) -> (Self, ReceiverStream<Result<T, Status>>) {
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER + 2);
         let reserve = || {
@@ -71,6 +74,7 @@ impl<T: Send + 'static> Outbound<T> {
             farewell,
             shutdown,
             stall_timeout,
+            metrics,
         };
         (out, ReceiverStream::new(rx))
     }
@@ -83,7 +87,16 @@ impl<T: Send + 'static> Outbound<T> {
             sent = tokio::time::timeout(self.stall_timeout, self.tx.send(Ok(event))) => match sent {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(End::ClientGone),
-                Err(_) => Err(End::Failed(
+                Err(_) => Err(self.stalled()),
+            },
+        }
+    }
+
+    /// Counts a client that read nothing for the stall timeout, and ends its stream.
+    fn stalled(&self) -> End {
+        self.metrics.slow_reader_disconnects.inc();
+        tracing::info!(timeout = ?self.stall_timeout, "ending a stream whose client stopped reading");
+        End::Failed(
                     ChatError::ResourceExhausted {
                         description: format!(
                             "the client read nothing for {:?}; resume after the last seq received",
@@ -92,9 +105,7 @@ impl<T: Send + 'static> Outbound<T> {
                         retry_after: None,
                     }
                     .into(),
-                )),
-            },
-        }
+                )
     }
 
     /// Resolves when the server starts draining.

@@ -24,6 +24,8 @@ use crate::{
     auth::{Authenticator, Nicknames, Tokens},
     config::Config,
     hub::{Hub, HubConfig},
+    limits::{Incoming, Limits},
+    metrics::Metrics,
     service::ChatServer,
     store::{MemoryStore, SqliteStore, Store, StoreError, on_commit},
 };
@@ -87,12 +89,33 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
     Ok(Some(tls))
 }
 
-/// Serves Confab on `listener` until `shutdown` resolves, then drains and returns.
+/// Serves Confab on `listener` until `shutdown` resolves, then drains and returns; serves
+/// metrics on `--metrics-listen` if set.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            ServerError::Config(format!("cannot listen for metrics on {addr}: {e}"))
+        })?),
+        None => None,
+    };
+    run_with_metrics(listener, metrics, config, shutdown).await
+}
+
+/// [`run`], with the metrics endpoint on `metrics` (bound by the caller) if given.
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::new());
+    let limits = Arc::new(
+        Limits::new(config.limits.clone(), metrics.clone()).map_err(ServerError::Config)?,
+    );
     let store: Arc<dyn Store> = if config.in_memory {
         tracing::info!("storage: in memory (nothing will survive this process)");
         Arc::new(MemoryStore::new())
@@ -107,6 +130,8 @@ pub async fn run(
             history_on_join: config.history_on_join,
             dedupe_window: config.dedupe_window,
         },
+        limits.clone(),
+        metrics.clone(),
     )?);
     let tokens = Arc::new(match (&config.token_secret, config.in_memory) {
         (Some(secret), _) if secret.len() < 32 => {
@@ -125,7 +150,7 @@ pub async fn run(
     let drain = CancellationToken::new();
 
     let chat = ChatServer::new(
-        hub,
+        hub.clone(),
         tokens.clone(),
         nicknames.clone(),
         drain.clone(),
@@ -143,18 +168,34 @@ pub async fn run(
     let reflection_v1 = compressed!(reflection().build_v1()?);
     let reflection_v1alpha = compressed!(reflection().build_v1alpha()?);
 
-    // Nickname claims that lapsed are forgotten now and then, so the registry stays small.
+    // Lapsed nickname claims and full rate buckets are forgotten now and then, so that
+    // neither registry grows with every user ever seen.
     let pruner = {
         let nicknames = nicknames.clone();
+        let limits = limits.clone();
         let period = config.nickname_lease.max(Duration::from_secs(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period);
             loop {
                 tick.tick().await;
                 nicknames.prune();
+                limits.prune();
             }
         })
     };
+
+    let metrics_server = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "metrics at http://{addr}/metrics");
+        }
+        let drained = drain.clone();
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            hub.clone(),
+            async move { drained.cancelled().await },
+        ))
+    });
 
     let retention = config.retention();
     let retainer = retention.is_enabled().then(|| {
@@ -194,7 +235,20 @@ pub async fn run(
     if let Some(tls) = tls_config(&config)? {
         builder = builder.tls_config(tls)?;
     }
+    let incoming = Incoming::new(
+        TcpListenerStream::new(listener),
+        config.limits.max_connections_per_ip,
+        metrics.clone(),
+    );
     let serve = builder
+        .trace_fn(|request| {
+            tracing::info_span!(
+                "call",
+                method = %request.uri().path(),
+                user = tracing::field::Empty,
+                room = tracing::field::Empty,
+            )
+        })
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
@@ -202,7 +256,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(chat)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
 
     let grace = config.shutdown_grace;
     let result = tokio::select! {
@@ -213,6 +267,9 @@ pub async fn run(
         }
     };
     pruner.abort();
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     if let Some(retainer) = retainer {
         retainer.abort();
     }

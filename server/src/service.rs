@@ -15,18 +15,17 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{
-    auth::{Nicknames, Tokens, caller},
+    auth::{Identity, Nicknames, Tokens, caller},
     cursor::{Cursor, Delivery, DeliveryStream},
     error::ChatError,
     hub::{Hub, RoomEvent},
+    limits::StreamGuard,
+    metrics::Held,
     outbound::{End, Outbound, reconnect_notice},
     pagination,
     session::Session,
     validate,
 };
-
-/// Most rooms one `Subscribe` call may tail.
-pub const MAX_SUBSCRIBED_ROOMS: usize = 64;
 
 /// The service state shared by every call.
 #[derive(Clone)]
@@ -68,7 +67,21 @@ impl ChatServer {
     /// Checks a room name and returns the room (NOT_FOUND if absent).
     fn existing_room(&self, field: &str, name: &str) -> Result<Arc<crate::hub::Room>, ChatError> {
         validate::room_name(field, name)?;
+        tracing::Span::current().record("room", name);
         self.hub.room(field, name)
+    }
+
+    /// The room, if `user` may read it (PERMISSION_DENIED for a private room they are not
+    /// invited to, or one they are banned from).
+    fn readable_room(
+        &self,
+        field: &str,
+        name: &str,
+        user: &Identity,
+    ) -> Result<Arc<crate::hub::Room>, ChatError> {
+        let room = self.existing_room(field, name)?;
+        room.admit(&user.nickname)?;
+        Ok(room)
     }
 
     /// Checks and appends one message from `sender`; resolves once it is committed.
@@ -110,6 +123,7 @@ impl ChatService for ChatServer {
             token,
             nickname: identity.nickname,
             expires_at: Some(expires.into()),
+            limits: Some(self.hub.limits().config().advertised()),
         }))
     }
 
@@ -137,8 +151,8 @@ impl ChatService for ChatServer {
         &self,
         request: Request<pb::GetRoomRequest>,
     ) -> Result<Response<pb::GetRoomResponse>, Status> {
-        caller(&request)?;
-        let room = self.existing_room("room", &request.get_ref().room)?;
+        let user = caller(&request)?;
+        let room = self.readable_room("room", &request.get_ref().room, &user)?;
         Ok(Response::new(pb::GetRoomResponse {
             room: Some(room.info()),
         }))
@@ -154,7 +168,7 @@ impl ChatService for ChatServer {
         validate::topic("topic", &request.topic).map_err(ChatError::from)?;
         let room = self
             .hub
-            .create_room(&request.room, &request.topic, &user.nickname)
+            .create_room(&request.room, &request.topic, &user.nickname, request.private)
             .await?;
         Ok(Response::new(pb::CreateRoomResponse {
             room: Some(room.info()),
@@ -165,9 +179,9 @@ impl ChatService for ChatServer {
         &self,
         request: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        caller(&request)?;
+        let user = caller(&request)?;
         let request = request.into_inner();
-        let room = self.existing_room("room", &request.room)?;
+        let room = self.readable_room("room", &request.room, &user)?;
         let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
         let after = pagination::decode(&request.page_token, "members", room.name())
             .map_err(ChatError::from)?;
@@ -186,9 +200,9 @@ impl ChatService for ChatServer {
         &self,
         request: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
-        caller(&request)?;
+        let user = caller(&request)?;
         let request = request.into_inner();
-        let room = self.existing_room("room", &request.room)?;
+        let room = self.readable_room("room", &request.room, &user)?;
         let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
         let (direction, start) =
             match pagination::decode(&request.page_token, "history", room.name())
@@ -332,17 +346,17 @@ impl ChatService for ChatServer {
         if request.rooms.is_empty() {
             return Err(ChatError::invalid("rooms", "name at least one room").into());
         }
-        if request.rooms.len() > MAX_SUBSCRIBED_ROOMS {
-            return Err(ChatError::invalid(
-                "rooms",
-                format!("at most {MAX_SUBSCRIBED_ROOMS} rooms per subscription"),
-            )
-            .into());
+        let most = self.hub.limits().config().max_rooms_per_stream;
+        if request.rooms.len() > most {
+            return Err(
+                ChatError::invalid("rooms", format!("at most {most} rooms per subscription"))
+                    .into(),
+            );
         }
         let mut cursors = StreamMap::new();
         for (i, position) in request.rooms.iter().enumerate() {
             let field = format!("rooms[{i}].room");
-            let room = self.existing_room(&field, &position.room)?;
+            let room = self.readable_room(&field, &position.room, &user)?;
             if cursors.contains_key(&position.room) {
                 return Err(ChatError::invalid(field, "this room is named twice").into());
             }
@@ -352,10 +366,16 @@ impl ChatService for ChatServer {
                 Box::pin(cursor.into_stream()) as DeliveryStream,
             );
         }
-        let (out, stream) = Outbound::channel(self.shutdown.clone(), self.stall_timeout);
-        let span =
-            tracing::info_span!("subscribe", user = %user.nickname, rooms = request.rooms.len());
-        tokio::spawn(tail(cursors, out).instrument(span));
+        let guard = self.hub.limits().open_stream(&user.nickname)?;
+        let open = (Held::new(&self.hub.metrics().subscribe_streams), guard);
+        let (out, stream) = Outbound::channel(
+            self.shutdown.clone(),
+            self.stall_timeout,
+            self.hub.metrics().clone(),
+        );
+        let rooms: Vec<&str> = request.rooms.iter().map(|r| r.room.as_str()).collect();
+        let span = tracing::info_span!("subscribe", user = %user.nickname, rooms = ?rooms);
+        tokio::spawn(tail(cursors, out, open).instrument(span));
         Ok(Response::new(stream))
     }
 
@@ -369,10 +389,15 @@ impl ChatService for ChatServer {
         if self.shutdown.is_cancelled() {
             return Err(ChatError::ShuttingDown.into());
         }
+        let guard = self.hub.limits().open_stream(&user.nickname)?;
         let claim = self.nicknames.open_stream(&user);
         let span = tracing::info_span!("chat", user = %user.nickname);
-        let session = Session::new(self.hub.clone(), user, claim, self.max_text_bytes);
-        let (out, stream) = Outbound::channel(self.shutdown.clone(), self.stall_timeout);
+        let session = Session::new(self.hub.clone(), user, claim, guard, self.max_text_bytes);
+        let (out, stream) = Outbound::channel(
+            self.shutdown.clone(),
+            self.stall_timeout,
+            self.hub.metrics().clone(),
+        );
         tokio::spawn(session.run(request.into_inner(), out).instrument(span));
         Ok(Response::new(stream))
     }
@@ -397,6 +422,7 @@ fn parse_history_position(
 async fn tail(
     mut cursors: StreamMap<String, DeliveryStream>,
     out: Outbound<pb::SubscribeResponse>,
+    _open: (Held, StreamGuard),
 ) {
     use subscribe_response::Event;
     let end = loop {
@@ -413,10 +439,12 @@ async fn tail(
                             from_seq: from,
                             to_seq: to,
                         })),
-                        // A subscription is a read-only tail of messages.
+                        // A subscription is a read-only tail of messages (and has no
+                        // presence to be put out of).
                         Delivery::Event(
                             RoomEvent::Presence(_) | RoomEvent::Typing(_) | RoomEvent::Updated(_),
-                        ) => None,
+                        )
+                        | Delivery::Removed(_) => None,
                     };
                     match event {
                         Some(event) => out.send(pb::SubscribeResponse { event: Some(event) }).await,

@@ -15,7 +15,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use confab::pb::{self, ChatRequest, ChatResponse, chat_request::Command, chat_response::Event};
-use futures::StreamExt as _;
+use futures::{StreamExt as _, stream};
 use tokio_stream::StreamMap;
 use tonic::Streaming;
 
@@ -23,7 +23,9 @@ use crate::{
     auth::{Identity, StreamClaim},
     cursor::{Delivery, DeliveryStream},
     error::ChatError,
-    hub::{Hub, Presence, RoomEvent},
+    hub::{Hub, Moderation, Presence, Removal, RoomEvent},
+    limits::StreamGuard,
+    metrics::Held,
     outbound::{End, Outbound, reconnect_notice},
     validate,
 };
@@ -40,17 +42,27 @@ pub struct Session {
     max_text_bytes: usize,
     /// Keeps the nickname claimed while the stream is open.
     _claim: StreamClaim,
+    /// Counts the stream as open, and against its user's limit.
+    _open: (Held, StreamGuard),
 }
 
 impl Session {
     /// A session for `user`.
-    pub fn new(hub: Arc<Hub>, user: Identity, claim: StreamClaim, max_text_bytes: usize) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        user: Identity,
+        claim: StreamClaim,
+        stream: StreamGuard,
+        max_text_bytes: usize,
+    ) -> Self {
+        let open = (Held::new(&hub.metrics().chat_streams), stream);
         Self {
             hub,
             user,
             rooms: HashMap::new(),
             max_text_bytes,
             _claim: claim,
+            _open: open,
         }
     }
 
@@ -71,6 +83,9 @@ impl Session {
                 Err(end) => Err(end),
                 Ok(Step::Frame(frame)) => self.apply(frame, &out, &mut cursors).await,
                 Ok(Step::Deliver(room, delivery)) => {
+                    if let Delivery::Removed(removal) = &delivery {
+                        self.put_out(&room, removal, &mut cursors);
+                    }
                     out.send(push(chat_event(&room, delivery))).await
                 }
             };
@@ -97,7 +112,8 @@ impl Session {
         let reply = match frame.command {
             None => Err(ChatError::invalid(
                 "command",
-                "the frame has no command: set one of join, leave, send, typing, ping, set_topic",
+                "the frame has no command: set one of join, leave, send, typing, ping, \
+                 set_topic, invite, kick, ban",
             )),
             Some(Command::Join(join)) => match self.join(join).await {
                 Ok((joined, room, stream)) => {
@@ -112,7 +128,13 @@ impl Session {
             },
             Some(Command::Leave(leave)) => self
                 .leave(&leave.room, cursors)
-                .map(|room| Some(Event::Left(pb::Left { room })))
+                .map(|room| {
+                    Some(Event::Left(pb::Left {
+                        room,
+                        reason: pb::LeaveReason::Requested as i32,
+                        ..pb::Left::default()
+                    }))
+                })
                 .map_err(|e| e.within("leave")),
             Some(Command::Send(message)) => self
                 .send(message)
@@ -128,6 +150,21 @@ impl Session {
                 .await
                 .map(|()| None)
                 .map_err(|e| e.within("set_topic")),
+            Some(Command::Invite(invite)) => self
+                .moderate(&invite.room, &invite.user, "", |_| Moderation::Invite)
+                .await
+                .map(Some)
+                .map_err(|e| e.within("invite")),
+            Some(Command::Kick(kick)) => self
+                .moderate(&kick.room, &kick.user, &kick.reason, Moderation::Kick)
+                .await
+                .map(Some)
+                .map_err(|e| e.within("kick")),
+            Some(Command::Ban(ban)) => self
+                .moderate(&ban.room, &ban.user, &ban.reason, Moderation::Ban)
+                .await
+                .map(Some)
+                .map_err(|e| e.within("ban")),
             Some(Command::Ping(ping)) => Ok(Some(Event::Pong(pb::Pong {
                 client_time_micros: ping.client_time_micros,
                 server_time: Some(std::time::SystemTime::now().into()),
@@ -155,15 +192,19 @@ impl Session {
                 format!("room {:?} is already joined on this stream", join.room),
             ));
         }
+        self.hub.limits().join(self.rooms.len())?;
         let room = self.hub.open_room(&join.room, &self.user.nickname).await?;
         let (joined, cursor, presence) = room.join(
             self.hub.store().clone(),
             &self.user.nickname,
             join.after_seq,
             self.hub.config().history_on_join,
-        );
+        )?;
+        // The room's events, and, should the owner put this user out, word of it.
+        let removed = stream::once(presence.removed()).map(|r| Ok(Delivery::Removed(r)));
+        let deliveries = stream::select(cursor.into_stream(), removed);
         self.rooms.insert(join.room.clone(), presence);
-        Ok((joined, join.room, cursor.into_stream()))
+        Ok((joined, join.room, Box::pin(deliveries)))
     }
 
     fn leave(
@@ -210,6 +251,45 @@ impl Session {
             .room("room", &set.room)?
             .set_topic(self.hub.store().as_ref(), &self.user.nickname, &set.topic)
             .await
+    }
+
+    /// The owner's invite, kick or ban of `user` in `room`.
+    async fn moderate(
+        &mut self,
+        room: &str,
+        user: &str,
+        reason: &str,
+        action: impl FnOnce(String) -> Moderation,
+    ) -> Result<Event, ChatError> {
+        validate::room_name("room", room)?;
+        validate::nickname("user", user)?;
+        validate::topic("reason", reason)?;
+        self.hub
+            .room("room", room)?
+            .moderate(
+                self.hub.store().as_ref(),
+                &self.user.nickname,
+                user,
+                action(reason.to_owned()),
+            )
+            .await?;
+        tracing::info!(room, user, "moderated");
+        Ok(Event::ModerationDone(pb::ModerationDone {
+            room: room.to_owned(),
+            user: user.to_owned(),
+        }))
+    }
+
+    /// Leaves `room` because its owner put this user out.
+    fn put_out(
+        &mut self,
+        room: &str,
+        removal: &Removal,
+        cursors: &mut StreamMap<String, DeliveryStream>,
+    ) {
+        tracing::info!(room, by = %removal.by, reason = ?removal.reason, "put out of a room");
+        cursors.remove(room);
+        self.rooms.remove(room);
     }
 
     /// Checks that `room` is joined on this stream: INVALID_ARGUMENT for a bad name,
@@ -275,6 +355,12 @@ fn chat_event(room: &str, delivery: Delivery) -> Event {
             room: room.to_owned(),
             from_seq: from,
             to_seq: to,
+        }),
+        Delivery::Removed(removal) => Event::Left(pb::Left {
+            room: room.to_owned(),
+            reason: removal.reason as i32,
+            by: removal.by.clone(),
+            message: removal.message.clone(),
         }),
     }
 }

@@ -22,7 +22,7 @@ use confab::{
         chat_response::Event,
     },
 };
-use confab_server::{Config, ServerError};
+use confab_server::{Config, ServerError, limits::LimitConfig};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -43,10 +43,21 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
     }
 }
 
+/// The default settings without flood control: the tests flood on purpose (flood control
+/// has tests of its own, which set the limits they test).
+pub fn config() -> Config {
+    Config {
+        limits: LimitConfig::unlimited(),
+        ..Config::default()
+    }
+}
+
 /// A running server.
 pub struct TestServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its metrics are served (`http://{metrics_addr}/metrics`).
+    pub metrics_addr: SocketAddr,
     /// Its data dir, when the test did not give one (removed with the server).
     _data_dir: Option<tempfile::TempDir>,
     /// Sends the shutdown signal.
@@ -56,9 +67,9 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// A server with default settings.
+    /// A server with the [`config`] settings.
     pub async fn start() -> Self {
-        Self::with(Config::default()).await
+        Self::with(config()).await
     }
 
     /// A server with `config` (its `listen` is ignored: the port is picked by the OS),
@@ -77,12 +88,20 @@ impl TestServer {
     pub async fn on(addr: &str, config: Config) -> Self {
         let listener = TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let metrics_addr = metrics.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(confab_server::run(listener, config, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(confab_server::run_with_metrics(
+            listener,
+            Some(metrics),
+            config,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Self {
             addr,
+            metrics_addr,
             _data_dir: None,
             stop: Some(stop),
             task: Some(task),

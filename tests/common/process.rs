@@ -30,6 +30,8 @@ impl ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_confab-server"))
             .args(["--listen", listen, "--data-dir"])
             .arg(data_dir)
+            // The tests flood on purpose; flood control has tests of its own.
+            .args(["--send-rate", "0", "--max-streams-per-user", "1000"])
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())

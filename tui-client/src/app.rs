@@ -47,6 +47,20 @@ pub enum Effect {
     ListRooms,
     /// Ping, carrying the send time in microseconds since the epoch.
     Ping(i64),
+    /// (Owner) let `user` into `room`.
+    Invite { room: String, user: String },
+    /// (Owner) put `user` out of `room`.
+    Kick {
+        room: String,
+        user: String,
+        reason: String,
+    },
+    /// (Owner) put `user` out of `room` for good.
+    Ban {
+        room: String,
+        user: String,
+        reason: String,
+    },
 }
 
 /// One line of a room's scrollback.
@@ -382,6 +396,9 @@ impl App {
                 | Command::Topic(_)
                 | Command::Who
                 | Command::Leave(None)
+                | Command::Invite(_)
+                | Command::Kick(..)
+                | Command::Ban(..)
         );
         if needs_room && room.is_none() {
             self.hint = Some("you are in no room: /join ROOM first".into());
@@ -432,6 +449,9 @@ impl App {
                     .unwrap_or_default();
                 self.notice(Entry::Info(format!("in {room}: {members}")));
             }
+            Command::Invite(user) => effects.push(Effect::Invite { room, user }),
+            Command::Kick(user, reason) => effects.push(Effect::Kick { room, user, reason }),
+            Command::Ban(user, reason) => effects.push(Effect::Ban { room, user, reason }),
             Command::Rooms => effects.push(Effect::ListRooms),
             Command::Help => {
                 for (_, help) in COMMANDS {
@@ -634,7 +654,31 @@ impl App {
                     UNIX_EPOCH + Duration::from_micros(pong.client_time_micros.unsigned_abs());
                 self.rtt = SystemTime::now().duration_since(sent).ok();
             }
-            ServerEvent::Ack(_) | ServerEvent::Left(_) | ServerEvent::Reconnect(_) => {}
+            ServerEvent::Left(left) => {
+                let how = match left.reason() {
+                    pb::LeaveReason::Kicked => "kicked out of",
+                    pb::LeaveReason::Banned => "banned from",
+                    pb::LeaveReason::Requested | pb::LeaveReason::Unspecified => return,
+                };
+                let because = if left.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", left.message)
+                };
+                if let Some(room) = self.room_mut(&left.room) {
+                    room.joined = false;
+                    room.members.clear();
+                    let entry = Entry::Error(format!(
+                        "you were {how} {} by {}{because}",
+                        left.room, left.by
+                    ));
+                    push_quiet(room, entry, true);
+                }
+            }
+            ServerEvent::ModerationDone(done) => {
+                self.notice(Entry::Info(format!("done: {} in {}", done.user, done.room)));
+            }
+            ServerEvent::Ack(_) | ServerEvent::Reconnect(_) => {}
         }
     }
 

@@ -13,6 +13,18 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("/me", "/me TEXT — an action: * you TEXT"),
     ("/topic", "/topic TEXT — set the room's topic"),
     ("/who", "/who — who is in this room"),
+    (
+        "/invite",
+        "/invite NICK — (owner) let NICK into this private room, or lift their ban",
+    ),
+    (
+        "/kick",
+        "/kick NICK [REASON] — (owner) put NICK out of this room",
+    ),
+    (
+        "/ban",
+        "/ban NICK [REASON] — (owner) put NICK out of this room for good",
+    ),
     ("/rooms", "/rooms — list the server's rooms"),
     ("/help", "/help — this list"),
     ("/quit", "/quit — leave Confab"),
@@ -33,6 +45,12 @@ pub enum Command {
     Topic(String),
     /// `/who`.
     Who,
+    /// `/invite NICK`.
+    Invite(String),
+    /// `/kick NICK [REASON]`.
+    Kick(String, String),
+    /// `/ban NICK [REASON]`.
+    Ban(String, String),
     /// `/rooms`.
     Rooms,
     /// `/help`.
@@ -82,6 +100,21 @@ pub fn parse(line: &str) -> Result<Option<Command>, Hint> {
         },
         "topic" => Command::Topic(args.to_owned()),
         "who" | "names" => Command::Who,
+        "invite" => match args.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [nick] => Command::Invite((*nick).to_owned()),
+            _ => return Err(usage("invite")),
+        },
+        "kick" | "ban" => {
+            let Some(nick) = args.split_whitespace().next() else {
+                return Err(usage(name));
+            };
+            let reason = args[nick.len()..].trim().to_owned();
+            if name.eq_ignore_ascii_case("kick") {
+                Command::Kick(nick.to_owned(), reason)
+            } else {
+                Command::Ban(nick.to_owned(), reason)
+            }
+        }
         "rooms" | "list" => Command::Rooms,
         "help" | "?" => Command::Help,
         "quit" | "exit" | "q" => Command::Quit,
@@ -133,6 +166,18 @@ mod tests {
         );
         assert_eq!(parse("/topic"), Ok(Some(Command::Topic(String::new()))));
         assert_eq!(parse("/WHO"), Ok(Some(Command::Who)));
+        assert_eq!(
+            parse("/invite bob"),
+            Ok(Some(Command::Invite("bob".into())))
+        );
+        assert_eq!(
+            parse("/kick bob  spamming links"),
+            Ok(Some(Command::Kick("bob".into(), "spamming links".into())))
+        );
+        assert_eq!(
+            parse("/ban bob"),
+            Ok(Some(Command::Ban("bob".into(), String::new())))
+        );
         assert_eq!(parse("/rooms"), Ok(Some(Command::Rooms)));
         assert_eq!(parse("/help"), Ok(Some(Command::Help)));
         assert_eq!(parse("/quit"), Ok(Some(Command::Quit)));
@@ -143,6 +188,8 @@ mod tests {
         assert!(parse("/join").unwrap_err().0.contains("usage: /join ROOM"));
         assert!(parse("/join a b").unwrap_err().0.contains("usage: /join"));
         assert!(parse("/me").unwrap_err().0.contains("usage: /me"));
+        assert!(parse("/kick").unwrap_err().0.contains("usage: /kick NICK"));
+        assert!(parse("/invite a b").unwrap_err().0.contains("usage: /invite"));
         assert!(
             parse("/frobnicate")
                 .unwrap_err()

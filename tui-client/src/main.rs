@@ -199,6 +199,9 @@ async fn perform(conversation: Conversation, mut effects: mpsc::UnboundedReceive
             Effect::SetTopic { room, topic } => conversation.set_topic(&room, &topic).await,
             Effect::ListRooms => conversation.list_rooms().await,
             Effect::Ping(micros) => conversation.ping(micros).await,
+            Effect::Invite { room, user } => conversation.invite(&room, &user).await,
+            Effect::Kick { room, user, reason } => conversation.kick(&room, &user, &reason).await,
+            Effect::Ban { room, user, reason } => conversation.ban(&room, &user, &reason).await,
         };
         if done.is_err() {
             return;

@@ -137,7 +137,11 @@ fn json_line(event: &ConversationEvent) -> Option<Value> {
                 "kind": "error", "code": e.code, "text": e.message,
                 "fields": e.field_violations.iter().map(|v| v.field.clone()).collect::<Vec<_>>(),
             }),
-            Event::Left(l) => json!({"kind": "left", "room": l.room}),
+            Event::Left(l) => json!({
+                "kind": "left", "room": l.room,
+                "reason": l.reason().as_str_name(), "by": l.by, "text": l.message,
+            }),
+            Event::ModerationDone(d) => json!({"kind": "moderation_done", "room": d.room, "user": d.user}),
             Event::Pong(_) | Event::Reconnect(_) => return None,
         },
     })

@@ -8,7 +8,7 @@ use std::{
 
 use confab::ChatMessage;
 
-use super::{Committed, Retention, RoomRecord, Store, StoreError, sent_at};
+use super::{Access, Committed, Retention, RoomRecord, Store, StoreError, sent_at};
 
 /// A store that keeps everything in memory. Writes are "committed" the moment they are
 /// made, so their callbacks run inline.
@@ -117,6 +117,20 @@ impl Store for MemoryStore {
         let result = match self.rooms().get_mut(room) {
             Some(stored) => {
                 stored.record.topic = topic.to_owned();
+                Ok(())
+            }
+            None => Err(StoreError(format!("room {room:?} is not in the store"))),
+        };
+        done(result);
+    }
+
+    fn set_access(&self, room: &str, user: &str, access: Option<Access>, done: Committed) {
+        let result = match self.rooms().get_mut(room) {
+            Some(stored) => {
+                match access {
+                    Some(access) => stored.record.access.insert(user.to_owned(), access),
+                    None => stored.record.access.remove(user),
+                };
                 Ok(())
             }
             None => Err(StoreError(format!("room {room:?} is not in the store"))),

@@ -17,6 +17,7 @@ mod memory;
 mod sqlite;
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     time::{Duration, SystemTime},
 };
@@ -64,11 +65,43 @@ pub struct RoomRecord {
     pub topic: String,
     /// When it was created.
     pub created_at: SystemTime,
-    /// Who created it.
+    /// Who created it: its owner.
     pub created_by: String,
+    /// Whether only the owner and invited users may join.
+    pub private: bool,
+    /// Who is invited or banned, by lower-cased nickname.
+    pub access: BTreeMap<String, Access>,
     /// The seq of its newest message ever, 0 if none: numbering continues from here after
     /// a restart, even when retention removed every message.
     pub head_seq: u64,
+}
+
+/// A user's standing in a room, besides being its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// May join the room even if it is private.
+    Invited,
+    /// May not join the room.
+    Banned,
+}
+
+impl Access {
+    /// As stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Invited => "invited",
+            Access::Banned => "banned",
+        }
+    }
+
+    /// From what [`Access::as_str`] stored.
+    pub fn parse(stored: &str) -> Option<Self> {
+        match stored {
+            "invited" => Some(Access::Invited),
+            "banned" => Some(Access::Banned),
+            _ => None,
+        }
+    }
 }
 
 /// How long and how much of each room's log to keep. `None` keeps everything.
@@ -100,6 +133,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Sets `room`'s topic.
     fn set_topic(&self, room: &str, topic: &str, done: Committed);
+
+    /// Records `user`'s standing in `room` (`None`: neither invited nor banned).
+    fn set_access(&self, room: &str, user: &str, access: Option<Access>, done: Committed);
 
     /// Removes what `retention` no longer keeps; `done` runs when that is durable.
     fn apply_retention(&self, retention: Retention, done: Committed);

@@ -21,7 +21,7 @@
 //! dir; a second server on the same dir is refused at start.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs::File,
     path::{Path, PathBuf},
     sync::{
@@ -35,7 +35,7 @@ use std::{
 use confab::{ChatMessage, ChatMessageRecord};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
-use super::{Committed, Retention, RoomRecord, Store, StoreError, from_micros, to_micros};
+use super::{Access, Committed, Retention, RoomRecord, Store, StoreError, from_micros, to_micros};
 
 /// The database file in the data dir.
 pub const DATABASE_FILE: &str = "confab.sqlite3";
@@ -68,12 +68,21 @@ const MIGRATIONS: &[&str] = &[
      -- (the key carries seq), so SQLite prefers it to scanning the room by primary key.
      CREATE INDEX messages_by_client_msg_id
          ON messages (room, sender, client_msg_id, sent_at_us);",
+    // 2: private rooms, and who is invited to or banned from a room (lower-cased nicknames).
+    "ALTER TABLE rooms ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE room_access (
+         room   TEXT NOT NULL,
+         user   TEXT NOT NULL,
+         access TEXT NOT NULL CHECK (access IN ('invited', 'banned')),
+         PRIMARY KEY (room, user)
+     ) STRICT, WITHOUT ROWID;",
 ];
 
 enum Write {
     Room(RoomRecord, Committed),
     Message(ChatMessage, Committed),
     Topic(String, String, Committed),
+    Access(String, String, Option<Access>, Committed),
     Retention(Retention, Committed),
     /// Flush and stop: the writer acknowledges and exits.
     Close(Committed),
@@ -85,6 +94,7 @@ impl Write {
             Write::Room(_, done)
             | Write::Message(_, done)
             | Write::Topic(_, _, done)
+            | Write::Access(_, _, _, done)
             | Write::Retention(_, done)
             | Write::Close(done) => done(result),
         }
@@ -236,8 +246,8 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
     let mut heads: HashMap<&str, u64> = HashMap::new();
     {
         let mut insert_room = tx.prepare_cached(
-            "INSERT INTO rooms (name, topic, created_at_us, created_by, head_seq)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO rooms (name, topic, created_at_us, created_by, head_seq, private)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?;
         let mut insert_message = tx.prepare_cached(
             "INSERT INTO messages (room, seq, sender, text, kind, client_msg_id, sent_at_us)
@@ -251,7 +261,8 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
                         room.topic,
                         to_micros(room.created_at),
                         room.created_by,
-                        seq_to_sql(room.head_seq)
+                        seq_to_sql(room.head_seq),
+                        room.private,
                     ])?;
                 }
                 Write::Message(message, _) => {
@@ -269,6 +280,17 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
                 Write::Topic(room, topic, _) => {
                     tx.prepare_cached("UPDATE rooms SET topic = ?2 WHERE name = ?1")?
                         .execute(params![room, topic])?;
+                }
+                Write::Access(room, user, Some(access), _) => {
+                    tx.prepare_cached(
+                        "INSERT INTO room_access (room, user, access) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (room, user) DO UPDATE SET access = excluded.access",
+                    )?
+                    .execute(params![room, user, access.as_str()])?;
+                }
+                Write::Access(room, user, None, _) => {
+                    tx.prepare_cached("DELETE FROM room_access WHERE room = ?1 AND user = ?2")?
+                        .execute(params![room, user])?;
                 }
                 Write::Retention(retention, _) => apply_retention(&tx, *retention)?,
                 Write::Close(_) => {}
@@ -345,7 +367,10 @@ fn message(room: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage>
 impl Store for SqliteStore {
     fn rooms(&self) -> Result<Vec<RoomRecord>, StoreError> {
         self.read(|db| {
-            db.prepare("SELECT name, topic, created_at_us, created_by, head_seq FROM rooms")?
+            let mut rooms: Vec<RoomRecord> = db
+                .prepare(
+                    "SELECT name, topic, created_at_us, created_by, head_seq, private FROM rooms",
+                )?
                 .query_map([], |row| {
                     Ok(RoomRecord {
                         name: row.get(0)?,
@@ -353,9 +378,24 @@ impl Store for SqliteStore {
                         created_at: from_micros(row.get(2)?),
                         created_by: row.get(3)?,
                         head_seq: seq_from_sql(row.get(4)?),
+                        private: row.get(5)?,
+                        access: BTreeMap::new(),
                     })
                 })?
-                .collect()
+                .collect::<rusqlite::Result<_>>()?;
+            let mut by_name: HashMap<String, &mut RoomRecord> =
+                rooms.iter_mut().map(|r| (r.name.clone(), r)).collect();
+            let mut access = db.prepare("SELECT room, user, access FROM room_access")?;
+            let mut rows = access.query([])?;
+            while let Some(row) = rows.next()? {
+                let room: String = row.get(0)?;
+                let access = Access::parse(&row.get::<_, String>(2)?);
+                if let (Some(record), Some(access)) = (by_name.get_mut(&room), access) {
+                    record.access.insert(row.get(1)?, access);
+                }
+            }
+            drop(by_name);
+            Ok(rooms)
         })
     }
 
@@ -369,6 +409,15 @@ impl Store for SqliteStore {
 
     fn set_topic(&self, room: &str, topic: &str, done: Committed) {
         self.write(Write::Topic(room.to_owned(), topic.to_owned(), done));
+    }
+
+    fn set_access(&self, room: &str, user: &str, access: Option<Access>, done: Committed) {
+        self.write(Write::Access(
+            room.to_owned(),
+            user.to_owned(),
+            access,
+            done,
+        ));
     }
 
     fn apply_retention(&self, retention: Retention, done: Committed) {
@@ -470,6 +519,8 @@ mod tests {
             created_at: SystemTime::now(),
             created_by: "alice".into(),
             head_seq: 0,
+            private: false,
+            access: Default::default(),
         }
     }
 
