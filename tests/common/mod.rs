@@ -443,3 +443,54 @@ async fn pump(
         }
     }
 }
+
+/// The server's metrics page (`GET /metrics` on `addr`), as text.
+pub async fn scrape(addr: SocketAddr) -> String {
+    within("the metrics page", async {
+        let mut stream = TcpStream::connect(addr).await.expect("connect to metrics");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("send request");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("read response");
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "metrics answered {response:?}"
+        );
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .expect("a body")
+    })
+    .await
+}
+
+/// The value of the sample `name` (with its labels, as written: `confab_streams{kind="chat"}`)
+/// on a metrics page.
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|line| {
+            let (sample, value) = line.rsplit_once(' ')?;
+            (sample == name).then(|| value.parse().expect("a number"))
+        })
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{page}"))
+}
+
+/// Scrapes until `done` holds for the page (the server notices closed streams a moment
+/// after the client closes them); returns that page.
+pub async fn metrics_until(addr: SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> String {
+    within(what, async {
+        loop {
+            let page = scrape(addr).await;
+            if done(&page) {
+                return page;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}

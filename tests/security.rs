@@ -1,0 +1,445 @@
+//! Flood control, room ownership and the metrics that show both: every limit refuses
+//! with the right status while everyone else carries on; private rooms, kicks and bans
+//! keep the right people out, across a restart too.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Events, TestServer, command_error, config, metric, metrics_until, scrape, within};
+use confab::{
+    Client, Conversation, ConversationConfig, ConversationEvent,
+    pb::{self, LeaveReason, PresenceKind, chat_response::Event},
+};
+use confab_server::{Config, limits::LimitConfig};
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+fn limited(limits: LimitConfig) -> Config {
+    Config {
+        limits,
+        ..config()
+    }
+}
+
+fn message(room: &str, text: &str) -> pb::OutgoingMessage {
+    pb::OutgoingMessage {
+        room: room.into(),
+        text: text.into(),
+        client_msg_id: confab::client::new_client_msg_id(),
+        kind: pb::MessageKind::Text as i32,
+    }
+}
+
+#[tokio::test]
+async fn a_flooding_user_is_refused_with_retry_info_while_others_flow() {
+    let server = TestServer::with(limited(LimitConfig {
+        send_rate: 2.0,
+        send_burst: 5,
+        ..LimitConfig::unlimited()
+    }))
+    .await;
+    let alice = server.client("alice").await;
+    let bob = server.client("bob").await;
+    let mut alice_chat = Events::open(&alice).await;
+    let mut bob_chat = Events::open(&bob).await;
+    alice_chat.join("lobby", None).await;
+    bob_chat.join("lobby", None).await;
+
+    // Alice sends 30 at once: the burst is acked, the rest refused with a retry delay.
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        let (id, _) = alice_chat
+            .chat
+            .sender()
+            .say("lobby", &format!("flood {n}"))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let (mut acked, mut refused) = (0, 0);
+    for id in ids {
+        match alice_chat.reply(id).await {
+            Event::Ack(_) => acked += 1,
+            Event::Error(error) => {
+                assert_eq!(Code::from(error.code), Code::ResourceExhausted);
+                let retry = Duration::try_from(error.retry_after.expect("a retry delay")).unwrap();
+                assert!(retry > Duration::ZERO && retry <= Duration::from_secs(1));
+                refused += 1;
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    assert!((5..=6).contains(&acked), "the burst gets through: {acked}");
+    assert_eq!(acked + refused, 30);
+
+    // Bob has a bucket of his own: his messages are accepted and delivered meanwhile.
+    for n in 0..3 {
+        bob_chat.say("lobby", &format!("bob {n}")).await;
+    }
+    let got = alice_chat
+        .until("bob's last message", |e| {
+            matches!(&e.event, Some(Event::Message(m)) if m.text == "bob 2")
+        })
+        .await;
+    assert!(got.event.is_some());
+
+    // The unary call says the same, in a RetryInfo detail.
+    let status = alice
+        .rpc()
+        .publish(pb::PublishRequest {
+            message: Some(message("lobby", "one more")),
+        })
+        .await
+        .expect_err("still over the rate");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let retry = status.get_details_retry_info().expect("RetryInfo");
+    assert!(retry.retry_delay.is_some_and(|d| d > Duration::ZERO));
+
+    let page = scrape(server.metrics_addr).await;
+    assert!(metric(&page, r#"confab_limited_total{limit="send_rate"}"#) >= 26.0);
+}
+
+#[tokio::test]
+async fn a_conversation_paces_itself_to_the_advertised_rate_and_keeps_its_order() {
+    let server = TestServer::with(limited(LimitConfig {
+        send_rate: 20.0,
+        send_burst: 5,
+        ..LimitConfig::unlimited()
+    }))
+    .await;
+    let mut login = server.anonymous().await;
+    let limits = login.login("probe").await.unwrap().limits.expect("limits");
+    assert_eq!(limits.send_rate_per_second, 20.0);
+    assert_eq!(limits.send_burst, 5);
+
+    let (alice, mut events) =
+        Conversation::start(ConversationConfig::new(server.url(), "alice", &["lobby"]));
+    for n in 0..25 {
+        alice.say("lobby", &format!("m{n}")).await.unwrap();
+    }
+    let mut texts = Vec::new();
+    within("25 messages back", async {
+        while texts.len() < 25 {
+            match events.recv().await.expect("conversation ended") {
+                ConversationEvent::Server(pb::ChatResponse {
+                    event: Some(Event::Message(m)),
+                    ..
+                }) => texts.push(m.text.clone()),
+                ConversationEvent::Refused { error, .. } => panic!("refused: {error:?}"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let expected: Vec<String> = (0..25).map(|n| format!("m{n}")).collect();
+    assert_eq!(texts, expected);
+    let page = scrape(server.metrics_addr).await;
+    assert_eq!(
+        metric(&page, r#"confab_limited_total{limit="send_rate"}"#),
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn streams_per_user_are_limited() {
+    let server = TestServer::with(limited(LimitConfig {
+        max_streams_per_user: 2,
+        ..LimitConfig::unlimited()
+    }))
+    .await;
+    let alice = server.client("alice").await;
+    let first = alice.chat().await.unwrap();
+    let _second = alice.chat().await.unwrap();
+    let status = match alice.chat().await {
+        Err(confab::ClientError::Status(status)) => status,
+        other => panic!("a third stream is refused, got {:?}", other.is_ok()),
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    let bob = server.client("bob").await;
+    bob.chat().await.expect("bob has streams of his own");
+
+    // Closing one makes room (the server notices it a moment later).
+    drop(first);
+    within("a stream slot to free up", async {
+        while alice.chat().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let page = scrape(server.metrics_addr).await;
+    assert!(metric(&page, r#"confab_limited_total{limit="streams_per_user"}"#) >= 1.0);
+}
+
+#[tokio::test]
+async fn rooms_per_stream_are_limited() {
+    let server = TestServer::with(limited(LimitConfig {
+        max_rooms_per_stream: 2,
+        ..LimitConfig::unlimited()
+    }))
+    .await;
+    let alice = server.client("alice").await;
+    let mut chat = Events::open(&alice).await;
+    chat.join("a", None).await;
+    chat.join("b", None).await;
+    let id = chat.chat.sender().join("c", None).await.unwrap();
+    let (code, _) = command_error(chat.reply(id).await);
+    assert_eq!(code, Code::ResourceExhausted);
+    // The stream goes on: leave one, and the third fits.
+    let id = chat.chat.sender().leave("a").await.unwrap();
+    assert!(matches!(chat.reply(id).await, Event::Left(_)));
+    chat.join("c", None).await;
+}
+
+#[tokio::test]
+async fn room_creation_is_limited_per_user_and_in_total() {
+    let server = TestServer::with(limited(LimitConfig {
+        room_creation_per_minute: 2,
+        max_rooms: 3,
+        ..LimitConfig::unlimited()
+    }))
+    .await;
+    let alice = server.client("alice").await;
+    let create = |name: &str| pb::CreateRoomRequest {
+        room: name.into(),
+        topic: String::new(),
+        private: false,
+    };
+    alice.rpc().create_room(create("one")).await.unwrap();
+    alice.rpc().create_room(create("two")).await.unwrap();
+    let status = alice.rpc().create_room(create("three")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.get_details_retry_info().is_some());
+    // Joining a room that does not exist creates it, so it is limited the same way.
+    let mut chat = Events::open(&alice).await;
+    let id = chat.chat.sender().join("four", None).await.unwrap();
+    assert_eq!(command_error(chat.reply(id).await).0, Code::ResourceExhausted);
+    // Existing rooms are open to join.
+    chat.join("one", None).await;
+
+    let bob = server.client("bob").await;
+    bob.rpc().create_room(create("three")).await.unwrap();
+    let status = bob.rpc().create_room(create("five")).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "the server is full");
+    assert!(status.message().contains("most rooms"));
+}
+
+#[tokio::test]
+async fn connections_per_address_are_limited() {
+    let server = TestServer::with(limited(LimitConfig {
+        max_connections_per_ip: 2,
+        ..LimitConfig::unlimited()
+    }))
+    .await;
+    let first = server.client("alice").await;
+    let _second = server.client("bob").await;
+    let mut third = Client::connect(&server.url()).await.unwrap();
+    third
+        .login("carol")
+        .await
+        .expect_err("a third connection from one address is closed");
+    // Alice and Bob are not disturbed.
+    let mut alice = Events::open(&first).await;
+    alice.join("lobby", None).await;
+    alice.say("lobby", "still here").await;
+
+    drop(alice);
+    drop(first);
+    within("a connection slot to free up", async {
+        loop {
+            let mut client = Client::connect(&server.url()).await.unwrap();
+            if client.login("carol").await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let page = scrape(server.metrics_addr).await;
+    assert!(metric(&page, r#"confab_limited_total{limit="connections_per_ip"}"#) >= 1.0);
+}
+
+#[tokio::test]
+async fn a_private_room_admits_only_its_owner_and_invited_users() {
+    let server = TestServer::start().await;
+    let alice = server.client("alice").await;
+    let bob = server.client("bob").await;
+    let room = alice
+        .rpc()
+        .create_room(pb::CreateRoomRequest {
+            room: "secret".into(),
+            topic: String::new(),
+            private: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .room
+        .unwrap();
+    assert!(room.private);
+    assert_eq!(room.created_by, "alice");
+
+    let mut alice_chat = Events::open(&alice).await;
+    alice_chat.join("secret", None).await;
+    alice_chat.say("secret", "for invited eyes").await;
+
+    let mut bob_chat = Events::open(&bob).await;
+    let id = bob_chat.chat.sender().join("secret", None).await.unwrap();
+    let (code, fields) = command_error(bob_chat.reply(id).await);
+    assert_eq!(code, Code::PermissionDenied);
+    assert_eq!(fields, ["join.room"]);
+    // Nor can Bob read or write it some other way.
+    let history = bob
+        .rpc()
+        .get_history(pb::GetHistoryRequest {
+            room: "secret".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(history.code(), Code::PermissionDenied);
+    let publish = bob
+        .rpc()
+        .publish(pb::PublishRequest {
+            message: Some(message("secret", "let me in")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(publish.code(), Code::PermissionDenied);
+    let subscribe = bob
+        .rpc()
+        .subscribe(pb::SubscribeRequest {
+            rooms: vec![pb::RoomPosition {
+                room: "secret".into(),
+                after_seq: None,
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(subscribe.code(), Code::PermissionDenied);
+    // Only the owner invites.
+    let id = bob_chat.chat.sender().invite("secret", "bob").await.unwrap();
+    assert_eq!(command_error(bob_chat.reply(id).await).0, Code::PermissionDenied);
+
+    let id = alice_chat.chat.sender().invite("secret", "Bob").await.unwrap();
+    assert!(matches!(alice_chat.reply(id).await, Event::ModerationDone(_)));
+    let joined = bob_chat.join("secret", None).await;
+    assert_eq!(joined.members, ["alice", "bob"]);
+    assert_eq!(bob_chat.message().await.text, "for invited eyes");
+}
+
+#[tokio::test]
+async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let with_dir = || Config {
+        data_dir: data_dir.path().to_owned(),
+        ..config()
+    };
+    let server = TestServer::on("127.0.0.1:0", with_dir()).await;
+    let alice = server.client("alice").await;
+    let bob = server.client("bob").await;
+    let mut alice_chat = Events::open(&alice).await;
+    alice_chat.join("den", None).await;
+    let mut bob_phone = Events::open(&bob).await;
+    let mut bob_laptop = Events::open(&bob).await;
+    bob_phone.join("den", None).await;
+    bob_laptop.join("den", None).await;
+
+    // Bob cannot kick the owner, nor anyone: he does not own the room.
+    let id = bob_phone.chat.sender().kick("den", "alice", "").await.unwrap();
+    assert_eq!(command_error(bob_phone.reply(id).await).0, Code::PermissionDenied);
+
+    let id = alice_chat
+        .chat
+        .sender()
+        .kick("den", "bob", "cool off")
+        .await
+        .unwrap();
+    assert!(matches!(alice_chat.reply(id).await, Event::ModerationDone(_)));
+    for stream in [&mut bob_phone, &mut bob_laptop] {
+        let left = stream
+            .until("the kick", |e| matches!(e.event, Some(Event::Left(_))))
+            .await;
+        let Some(Event::Left(left)) = left.event else { unreachable!() };
+        assert_eq!(left.reason(), LeaveReason::Kicked);
+        assert_eq!(left.by, "alice");
+        assert_eq!(left.message, "cool off");
+    }
+    alice_chat.presence("bob", PresenceKind::Left).await;
+    let id = bob_phone.chat.sender().say("den", "hey").await.unwrap().0;
+    assert_eq!(
+        command_error(bob_phone.reply(id).await).0,
+        Code::FailedPrecondition,
+        "a kicked stream is no longer in the room"
+    );
+    // A kick is not a ban: Bob may come back.
+    bob_phone.join("den", None).await;
+
+    let id = alice_chat.chat.sender().ban("den", "bob", "").await.unwrap();
+    assert!(matches!(alice_chat.reply(id).await, Event::ModerationDone(_)));
+    let left = bob_phone
+        .until("the ban", |e| matches!(e.event, Some(Event::Left(_))))
+        .await;
+    assert!(matches!(left.event, Some(Event::Left(l)) if l.reason() == LeaveReason::Banned));
+    let id = bob_phone.chat.sender().join("den", None).await.unwrap();
+    assert_eq!(command_error(bob_phone.reply(id).await).0, Code::PermissionDenied);
+
+    // The ban is stored: it holds after a restart.
+    drop((alice_chat, bob_phone, bob_laptop, alice, bob));
+    server.stop().await.unwrap();
+    let server = TestServer::on("127.0.0.1:0", with_dir()).await;
+    let bob = server.client("bob").await;
+    let mut bob_chat = Events::open(&bob).await;
+    let id = bob_chat.chat.sender().join("den", None).await.unwrap();
+    assert_eq!(command_error(bob_chat.reply(id).await).0, Code::PermissionDenied);
+    // An invite lifts it.
+    let alice = server.client("alice").await;
+    let mut alice_chat = Events::open(&alice).await;
+    let id = alice_chat.chat.sender().invite("den", "bob").await.unwrap();
+    assert!(matches!(alice_chat.reply(id).await, Event::ModerationDone(_)));
+    bob_chat.join("den", None).await;
+}
+
+#[tokio::test]
+async fn the_metrics_page_counts_what_happened() {
+    let server = TestServer::start().await;
+    let alice = server.client("alice").await;
+    let bob = server.client("bob").await;
+    let mut alice_chat = Events::open(&alice).await;
+    let mut bob_chat = Events::open(&bob).await;
+    alice_chat.join("lobby", None).await;
+    bob_chat.join("lobby", None).await;
+    for n in 0..10 {
+        alice_chat.say("lobby", &format!("m{n}")).await;
+    }
+    bob_chat.seqs(10).await;
+
+    let page = scrape(server.metrics_addr).await;
+    for name in [
+        "confab_connections",
+        "confab_connections_accepted_total",
+        "confab_rooms",
+        "confab_tasks",
+        "confab_deliveries_total",
+        "confab_lagged_backfills_total",
+        "confab_slow_reader_disconnects_total",
+        "confab_store_commit_seconds_count",
+    ] {
+        assert!(metric(&page, name) >= 0.0);
+    }
+    assert_eq!(metric(&page, "confab_connections"), 2.0);
+    assert_eq!(metric(&page, r#"confab_streams{kind="chat"}"#), 2.0);
+    assert_eq!(metric(&page, "confab_rooms"), 1.0);
+    assert_eq!(metric(&page, "confab_messages_in_total"), 10.0);
+    assert_eq!(metric(&page, "confab_store_commit_seconds_count"), 10.0);
+    assert!(metric(&page, "confab_store_commit_seconds_sum") > 0.0);
+    assert_eq!(metric(&page, "confab_deliveries_total"), 20.0);
+    assert!(page.contains("# TYPE confab_store_commit_seconds histogram"));
+
+    drop((alice_chat, bob_chat, alice, bob));
+    metrics_until(server.metrics_addr, "streams and connections to close", |page| {
+        metric(page, r#"confab_streams{kind="chat"}"#) == 0.0
+            && metric(page, "confab_connections") == 0.0
+    })
+    .await;
+}
