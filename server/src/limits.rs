@@ -305,6 +305,8 @@ where
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             };
+            self.metrics.connections_accepted.inc();
+            // A connection reset before it was accepted has no peer left: nothing to serve.
             let Ok(peer) = stream.peer_addr() else {
                 continue;
             };
@@ -319,7 +321,6 @@ where
                 }
                 *count += 1;
             }
-            self.metrics.connections_accepted.inc();
             return Poll::Ready(Some(Ok(Counted {
                 stream,
                 ip,

@@ -483,14 +483,15 @@ pub fn metric(page: &str, name: &str) -> f64 {
 /// Scrapes until `done` holds for the page (the server notices closed streams a moment
 /// after the client closes them); returns that page.
 pub async fn metrics_until(addr: SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> String {
-    within(what, async {
-        loop {
-            let page = scrape(addr).await;
-            if done(&page) {
-                return page;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let page = scrape(addr).await;
+        if done(&page) {
+            return page;
         }
-    })
-    .await
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}; the last page:\n{page}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -21,6 +21,8 @@ pub struct ServerProcess {
     pub url: String,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its metrics are served.
+    pub metrics_addr: SocketAddr,
 }
 
 impl ServerProcess {
@@ -32,6 +34,7 @@ impl ServerProcess {
             .arg(data_dir)
             // The tests flood on purpose; flood control has tests of its own.
             .args(["--send-rate", "0", "--max-streams-per-user", "1000"])
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -39,21 +42,32 @@ impl ServerProcess {
             .expect("start confab-server");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
-        let addr = loop {
+        let (mut addr, mut metrics_addr) = (None, None);
+        while addr.is_none() || metrics_addr.is_none() {
             let line = lines
                 .next()
                 .expect("confab-server exited before listening")
                 .expect("read log");
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                break rest.split_whitespace().next().expect("address").to_owned();
-            }
-        };
+            let after = |marker: &str| {
+                line.split(marker)
+                    .nth(1)
+                    .and_then(|rest| rest.split(['/', ' ']).next())
+                    .map(str::to_owned)
+            };
+            addr = addr.or(after("listening on "));
+            metrics_addr = metrics_addr.or(after("metrics at http://"));
+        }
+        let addr = addr.expect("address");
         // Keep draining the log so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
         Self {
             child,
             url: format!("http://{addr}"),
             addr: addr.parse().expect("a socket address"),
+            metrics_addr: metrics_addr
+                .expect("metrics address")
+                .parse()
+                .expect("a socket address"),
         }
     }
 

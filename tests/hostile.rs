@@ -1,0 +1,242 @@
+//! Hostile input against the real binary: frames that are not protobuf, strings that are
+//! not UTF-8, values out of range, oversized and overlong requests, junk that is not
+//! HTTP/2 at all, and thousands of connections and streams torn down mid-flight. Two users
+//! chat throughout and lose nothing; afterwards the server's open streams, connections
+//! and tasks (read from its metrics) are back where they started.
+
+mod common;
+#[path = "common/process.rs"]
+mod process;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::{Buf as _, BufMut as _, Bytes};
+use common::{Events, client_at, metric, metrics_until, scrape, within};
+use confab::pb::{PresenceKind, chat_response::Event};
+use process::ServerProcess;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream, task::JoinSet};
+use tonic::{
+    Code, Request, Status,
+    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    transport::Channel,
+};
+
+/// A codec that sends whatever bytes it is given and returns whatever bytes come back,
+/// so a test can put anything in a gRPC frame.
+#[derive(Debug, Clone, Copy, Default)]
+struct Raw;
+
+impl Codec for Raw {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Bytes;
+    type Error = Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Bytes;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// Calls unary `method` with `body` as the request message, as `token`'s user.
+async fn raw_call(channel: &Channel, token: &str, method: &'static str, body: Vec<u8>) -> Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.expect("channel ready");
+    let mut request = Request::new(Bytes::from(body));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+    match grpc.unary(request, path, Raw).await {
+        Ok(reply) => panic!("{method} accepted a hostile frame: {:?}", reply.get_ref()),
+        Err(status) => status,
+    }
+}
+
+/// A length-delimited protobuf field.
+fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![(number << 3) | 2];
+    let mut len = bytes.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(bytes);
+    out
+}
+
+#[tokio::test]
+async fn hostile_input_is_refused_and_nothing_leaks() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(data_dir.path(), "127.0.0.1:0");
+
+    // Two users chat for the whole test; every message must arrive, in order.
+    let alice = client_at(&server.url, "alice").await;
+    let bob = client_at(&server.url, "bob").await;
+    let mut alice_chat = Events::open(&alice).await;
+    let mut bob_chat = Events::open(&bob).await;
+    alice_chat.join("lobby", None).await;
+    bob_chat.join("lobby", None).await;
+    alice_chat.presence("bob", PresenceKind::Joined).await;
+    let baseline = scrape(server.metrics_addr).await;
+    let base_tasks = metric(&baseline, "confab_tasks");
+    assert_eq!(metric(&baseline, r#"confab_streams{kind="chat"}"#), 2.0);
+    assert_eq!(metric(&baseline, "confab_connections"), 2.0);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let chatter = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                alice_chat.say("lobby", &format!("still here {sent}")).await;
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (sent, alice_chat)
+        })
+    };
+
+    let intruder = client_at(&server.url, "mallory").await;
+    let token = intruder.token().unwrap().to_owned();
+    let channel = Channel::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    const PUBLISH: &str = "/chat.v1.ChatService/Publish";
+    const SUBSCRIBE: &str = "/chat.v1.ChatService/Subscribe";
+
+    // Not protobuf at all.
+    let status = raw_call(&channel, &token, PUBLISH, vec![0xff; 16]).await;
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("decode"), "{status:?}");
+    // A string that is not UTF-8: the decoder names the field.
+    let outgoing = [field(1, b"lobby"), field(2, &[0xff, 0xfe, 0xfd])].concat();
+    let status = raw_call(&channel, &token, PUBLISH, field(1, &outgoing)).await;
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("text"), "{status:?}");
+    // An enum value that does not exist.
+    let outgoing = [field(1, b"lobby"), field(2, b"hi"), field(3, b"id-1"), vec![4 << 3, 99]].concat();
+    let status = raw_call(&channel, &token, PUBLISH, field(1, &outgoing)).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(common::violated_fields(&status), ["message.kind"]);
+    // An empty request (no message in it).
+    let status = raw_call(&channel, &token, PUBLISH, Vec::new()).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // A huge repeated field: 10,000 rooms in one subscription.
+    let rooms: Vec<u8> = (0..10_000).flat_map(|_| field(1, &field(1, b"a"))).collect();
+    let status = raw_call(&channel, &token, SUBSCRIBE, rooms).await;
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(common::violated_fields(&status), ["rooms"]);
+    // A frame over the size limit.
+    let huge = field(1, &field(2, &vec![b'x'; 200_000]));
+    let status = raw_call(&channel, &token, PUBLISH, huge).await;
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    // Junk that is not HTTP/2, half a preface, and connections reset with RST.
+    let mut storm = JoinSet::new();
+    for round in 0..1_000usize {
+        let addr = server.addr;
+        storm.spawn(async move {
+            let Ok(mut stream) = TcpStream::connect(addr).await else {
+                return;
+            };
+            match round % 3 {
+                0 => {
+                    let _ = stream.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage").await;
+                }
+                1 => {
+                    let _ = stream.write_all(b"PRI * HTTP/2.0\r\n").await;
+                }
+                _ => {}
+            }
+            // SO_LINGER 0: closing sends RST instead of FIN.
+            let _ = stream.set_zero_linger();
+            drop(stream);
+        });
+        if storm.len() >= 32 {
+            storm.join_next().await;
+        }
+    }
+    while storm.join_next().await.is_some() {}
+
+    // Streams opened, joined and dropped without a word, thousands of them, on a handful
+    // of connections: every one becomes an RST_STREAM the server must clean up after.
+    let mut clients = Vec::new();
+    for n in 0..8 {
+        clients.push(client_at(&server.url, &format!("vandal{n}")).await);
+    }
+    let mut storm = JoinSet::new();
+    for round in 0..2_000usize {
+        let client = clients[round % clients.len()].clone();
+        storm.spawn(async move {
+            if let Ok(chat) = client.chat().await {
+                let _ = chat.sender().join("lobby", None).await;
+                if round % 2 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                drop(chat);
+            }
+        });
+        if storm.len() >= 64 {
+            storm.join_next().await;
+        }
+    }
+    while storm.join_next().await.is_some() {}
+    drop(clients);
+    drop((channel, intruder));
+
+    // Alice's messages all reached Bob, in order, throughout.
+    stop.store(true, Ordering::Relaxed);
+    let (sent, _alice_chat) = within("the chatter to stop", chatter).await.unwrap();
+    assert!(sent > 0);
+    let mut next = 0;
+    while next < sent {
+        let event = bob_chat.next().await;
+        if let Some(Event::Message(message)) = event.event {
+            assert_eq!(message.text, format!("still here {next}"));
+            next += 1;
+        }
+    }
+
+    // Everything the storm opened is gone again.
+    let after = metrics_until(server.metrics_addr, "the server to be back at its baseline", |page| {
+        metric(page, r#"confab_streams{kind="chat"}"#) == 2.0
+            && metric(page, r#"confab_streams{kind="subscribe"}"#) == 0.0
+            && metric(page, "confab_connections") == 2.0
+            && metric(page, "confab_tasks") <= base_tasks
+    })
+    .await;
+    assert!(metric(&after, "confab_connections_accepted_total") >= 1_000.0);
+}
