@@ -197,6 +197,24 @@ impl Client {
         Ok(reply)
     }
 
+    /// Logs in with a token from an identity provider (a server started with `--jwt-*`):
+    /// the server confirms it and says which user it speaks for. `nickname`, if not empty,
+    /// must be that user.
+    pub async fn login_with_token(
+        &mut self,
+        token: &str,
+        nickname: &str,
+    ) -> Result<pb::LoginResponse, ClientError> {
+        self.set_token(token)?;
+        let request = pb::LoginRequest {
+            nickname: nickname.to_owned(),
+            resume_token: String::new(),
+        };
+        let reply = self.rpc.clone().login(request).await?.into_inner();
+        self.nickname = Some(reply.nickname.clone());
+        Ok(reply)
+    }
+
     /// Uses `token` for later calls (one issued by [`Client::login`] earlier).
     pub fn set_token(&mut self, token: &str) -> Result<(), ClientError> {
         let value: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))

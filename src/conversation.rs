@@ -47,6 +47,9 @@ pub struct ConversationConfig {
     pub backoff: Backoff,
     /// TLS settings for `https://` servers.
     pub tls: Option<crate::Tls>,
+    /// A token from the server's identity provider (servers started with `--jwt-*`): used
+    /// instead of claiming `nickname` with a login of its own.
+    pub identity_token: Option<String>,
 }
 
 impl ConversationConfig {
@@ -58,6 +61,7 @@ impl ConversationConfig {
             rooms: rooms.iter().map(|r| r.to_string()).collect(),
             backoff: Backoff::default(),
             tls: None,
+            identity_token: None,
         }
     }
 }
@@ -354,12 +358,18 @@ impl Task {
                 Ok(client) => client,
                 Err(error) => return Lost::Retry(error.to_string()),
             };
-        if let Some(token) = &self.token
-            && client.set_token(token).is_err()
-        {
-            self.token = None;
-        }
-        let limits = match client.login(&self.config.nickname).await {
+        let login = match &self.config.identity_token {
+            Some(token) => client.login_with_token(token, &self.config.nickname).await,
+            None => {
+                if let Some(token) = &self.token
+                    && client.set_token(token).is_err()
+                {
+                    self.token = None;
+                }
+                client.login(&self.config.nickname).await
+            }
+        };
+        let limits = match login {
             Ok(reply) => reply.limits.unwrap_or_default(),
             Err(error) => return Lost::Retry(format!("login failed: {error}")),
         };

@@ -443,3 +443,132 @@ async fn the_metrics_page_counts_what_happened() {
     })
     .await;
 }
+
+/// What an identity provider signs.
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    exp: u64,
+    iss: &'a str,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test]
+async fn identity_provider_tokens_name_the_user() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    // The provider's ES256 key pair, made for this test.
+    let provider = rcgen::KeyPair::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let public_key = dir.path().join("provider.pem");
+    std::fs::write(&public_key, provider.public_key_pem()).unwrap();
+    let server = TestServer::with(Config {
+        jwt_public_key: Some(public_key),
+        jwt_issuer: Some("https://idp.example".into()),
+        in_memory: true,
+        ..config()
+    })
+    .await;
+    let signing = EncodingKey::from_ec_pem(provider.serialize_pem().as_bytes()).unwrap();
+    let sign = |sub: &str, exp: u64, iss: &str| {
+        encode(
+            &Header::new(Algorithm::ES256),
+            &Claims { sub, exp, iss },
+            &signing,
+        )
+        .unwrap()
+    };
+    let idp = "https://idp.example";
+    let token = sign("alice", unix_now() + 600, idp);
+
+    let mut alice = server.anonymous().await;
+    let reply = alice.login_with_token(&token, "").await.unwrap();
+    assert_eq!(reply.nickname, "alice");
+    assert_eq!(reply.token, token);
+    assert!(reply.expires_at.is_some());
+    let mut chat = Events::open(&alice).await;
+    chat.join("lobby", None).await;
+    chat.say("lobby", "signed in by my provider").await;
+    assert_eq!(chat.message().await.sender, "alice");
+
+    // A user can only speak as itself.
+    let mut again = server.anonymous().await;
+    let status = again.login_with_token(&token, "mallory").await.unwrap_err();
+    assert!(
+        matches!(&status, confab::ClientError::Status(s) if s.code() == Code::PermissionDenied),
+        "{status:?}"
+    );
+    // Session logins are not how this server works.
+    let mut plain = server.anonymous().await;
+    let refused = plain.login("bob").await.unwrap_err();
+    assert!(matches!(&refused, confab::ClientError::Status(s) if s.code() == Code::Unauthenticated));
+
+    // Tampered, expired, foreign-issuer and other-key tokens are refused.
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    let other_key = {
+        let other = rcgen::KeyPair::generate().unwrap();
+        let key = EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).unwrap();
+        let claims = Claims {
+            sub: "alice",
+            exp: unix_now() + 600,
+            iss: idp,
+        };
+        encode(&Header::new(Algorithm::ES256), &claims, &key).unwrap()
+    };
+    for bad in [
+        tampered,
+        sign("alice", unix_now() - 3600, idp),
+        sign("alice", unix_now() + 600, "https://evil.example"),
+        sign("not a nickname", unix_now() + 600, idp),
+        other_key,
+    ] {
+        let mut client = server.anonymous().await;
+        client.set_token(&bad).unwrap();
+        let status = client
+            .rpc()
+            .list_rooms(pb::ListRoomsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{bad}: {status:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_shared_secret_works_for_hs256_providers() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let secret = "a-provider-secret-of-at-least-32-chars";
+    let server = TestServer::with(Config {
+        jwt_secret: Some(secret.into()),
+        in_memory: true,
+        ..config()
+    })
+    .await;
+    let claims = Claims {
+        sub: "carol",
+        exp: unix_now() + 600,
+        iss: "anyone",
+    };
+    let token = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap();
+    let mut carol = server.anonymous().await;
+    assert_eq!(
+        carol.login_with_token(&token, "Carol").await.unwrap().nickname,
+        "carol"
+    );
+    carol
+        .rpc()
+        .list_rooms(pb::ListRoomsRequest::default())
+        .await
+        .unwrap();
+}

@@ -6,6 +6,11 @@
 //! token on every call and puts the caller's [`Identity`] in the request's extensions;
 //! handlers take it with [`caller`]. A call without a token reaches only `Login`.
 //!
+//! With `--jwt-secret` (HS256) or `--jwt-public-key` (RS256 or ES256) the server takes
+//! tokens from an identity provider instead ([`JwtVerifier`]): the user is the token's
+//! `sub`, checked like a nickname, and `Login` only confirms a token it is called with.
+//! The provider vouches for the user, so there are no nickname claims in that mode.
+//!
 //! A nickname belongs to one session at a time. It stays claimed while the session has a
 //! stream open and for a lease after its last call, so a client that drops off and comes
 //! back in time (presenting its old token to `Login`) gets its nickname back, while someone
@@ -289,21 +294,127 @@ impl Drop for StreamClaim {
     }
 }
 
+/// The claims Confab reads from an identity provider's token.
+#[derive(Debug, serde::Deserialize)]
+struct Claims {
+    /// The user: becomes the nickname.
+    sub: String,
+    /// Expiry, seconds since the epoch (required).
+    exp: u64,
+}
+
+/// Verifies identity-provider tokens (JWTs): signature, algorithm, expiry, and the issuer
+/// and audience when configured.
+pub struct JwtVerifier {
+    key: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+}
+
+impl JwtVerifier {
+    /// HS256 tokens signed with `secret`.
+    pub fn hs256(secret: &[u8]) -> Self {
+        Self::with(
+            jsonwebtoken::DecodingKey::from_secret(secret),
+            jsonwebtoken::Algorithm::HS256,
+        )
+    }
+
+    /// RS256 or ES256 tokens, whichever kind of public key `pem` holds.
+    pub fn public_key(pem: &[u8]) -> Result<Self, String> {
+        use jsonwebtoken::{Algorithm, DecodingKey};
+        if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+            return Ok(Self::with(key, Algorithm::RS256));
+        }
+        DecodingKey::from_ec_pem(pem)
+            .map(|key| Self::with(key, Algorithm::ES256))
+            .map_err(|e| format!("not an RSA or P-256 public key in PEM: {e}"))
+    }
+
+    fn with(key: jsonwebtoken::DecodingKey, algorithm: jsonwebtoken::Algorithm) -> Self {
+        let mut validation = jsonwebtoken::Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 30;
+        Self { key, validation }
+    }
+
+    /// Also requires the `iss` claim to be `issuer`.
+    pub fn issuer(mut self, issuer: &str) -> Self {
+        self.validation.set_issuer(&[issuer]);
+        self
+    }
+
+    /// Also requires the `aud` claim to include `audience`.
+    pub fn audience(mut self, audience: &str) -> Self {
+        self.validation.set_audience(&[audience]);
+        self
+    }
+
+    /// The user a token speaks for, and when it expires.
+    pub fn verify(&self, token: &str) -> Result<(Identity, SystemTime), String> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| format!("the token is not accepted: {e}"))?
+            .claims;
+        crate::validate::nickname("sub", &claims.sub)
+            .map_err(|v| format!("the token's subject cannot be a nickname: {}", v.description))?;
+        let identity = Identity {
+            nickname: claims.sub,
+            session: 0,
+        };
+        Ok((identity, UNIX_EPOCH + Duration::from_secs(claims.exp)))
+    }
+}
+
+/// How callers prove who they are.
+pub enum AuthMode {
+    /// Session tokens from `Login`, which claims a nickname.
+    Sessions {
+        /// Issues and verifies the tokens.
+        tokens: Arc<Tokens>,
+        /// Who holds which nickname.
+        nicknames: Arc<Nicknames>,
+    },
+    /// Tokens from an identity provider.
+    Jwt(JwtVerifier),
+}
+
 /// The interceptor: verifies `authorization: Bearer <token>` and records the [`Identity`].
 #[derive(Clone)]
 pub struct Authenticator {
-    /// Verifies token signatures and expiry.
-    tokens: Arc<Tokens>,
-    /// Checks that the token's session still holds its nickname.
-    nicknames: Arc<Nicknames>,
+    mode: Arc<AuthMode>,
 }
 
 impl Authenticator {
-    /// An interceptor over `tokens` and `nicknames`.
-    pub fn new(tokens: Arc<Tokens>, nicknames: Arc<Nicknames>) -> Self {
-        Self { tokens, nicknames }
+    /// An interceptor for `mode`.
+    pub fn new(mode: Arc<AuthMode>) -> Self {
+        Self { mode }
     }
 }
+
+impl AuthMode {
+    /// The identity `token` proves (and when it expires, for a JWT).
+    pub fn verify(&self, token: &str) -> Result<(Identity, Option<SystemTime>), Status> {
+        match self {
+            AuthMode::Sessions { tokens, nicknames } => {
+                let identity = tokens.verify(token).map_err(Status::unauthenticated)?;
+                if !nicknames.admit(&identity) {
+                    return Err(Status::unauthenticated(format!(
+                        "nickname {:?} now belongs to another session; log in again",
+                        identity.nickname
+                    )));
+                }
+                Ok((identity, None))
+            }
+            AuthMode::Jwt(verifier) => {
+                let (identity, expires) = verifier.verify(token).map_err(Status::unauthenticated)?;
+                Ok((identity, Some(expires)))
+            }
+        }
+    }
+}
+
+/// When the caller's identity-provider token expires (JWT mode only).
+#[derive(Debug, Clone, Copy)]
+pub struct Expires(pub SystemTime);
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
@@ -316,17 +427,11 @@ impl Interceptor for Authenticator {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        let identity = self
-            .tokens
-            .verify(token.trim())
-            .map_err(Status::unauthenticated)?;
-        if !self.nicknames.admit(&identity) {
-            return Err(Status::unauthenticated(format!(
-                "nickname {:?} now belongs to another session; log in again",
-                identity.nickname
-            )));
-        }
+        let (identity, expires) = self.mode.verify(token.trim())?;
         request.extensions_mut().insert(identity);
+        if let Some(expires) = expires {
+            request.extensions_mut().insert(Expires(expires));
+        }
         Ok(request)
     }
 }
@@ -405,6 +510,54 @@ mod tests {
         assert_eq!(again.verify(&token), Ok(alice()));
         std::fs::write(&path, "short").unwrap();
         assert!(Tokens::persistent(&path, Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn identity_provider_tokens_are_checked_for_signature_expiry_and_subject() {
+        use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let sign = |secret: &[u8], claims: signed::Claims| {
+            encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(secret),
+            )
+            .unwrap()
+        };
+        let verifier = JwtVerifier::hs256(b"provider-secret").issuer("idp");
+        let good = signed::Claims::new("alice", now + 600, "idp");
+        let (identity, expires) = verifier.verify(&sign(b"provider-secret", good)).unwrap();
+        assert_eq!(identity.nickname, "alice");
+        assert_eq!(expires, UNIX_EPOCH + Duration::from_secs(now + 600));
+
+        let wrong_key = sign(b"not-the-secret", signed::Claims::new("alice", now + 600, "idp"));
+        assert!(verifier.verify(&wrong_key).is_err());
+        let expired = sign(b"provider-secret", signed::Claims::new("alice", now - 600, "idp"));
+        assert!(verifier.verify(&expired).unwrap_err().contains("Expired"));
+        let other_issuer = sign(b"provider-secret", signed::Claims::new("alice", now + 600, "evil"));
+        assert!(verifier.verify(&other_issuer).is_err());
+        let bad_subject = sign(b"provider-secret", signed::Claims::new("no spaces", now + 600, "idp"));
+        assert!(verifier.verify(&bad_subject).unwrap_err().contains("nickname"));
+    }
+
+    /// The claims a provider signs, for the tests.
+    mod signed {
+        #[derive(serde::Serialize)]
+        pub struct Claims {
+            sub: String,
+            exp: u64,
+            iss: String,
+        }
+
+        impl Claims {
+            pub fn new(sub: &str, exp: u64, iss: &str) -> Self {
+                Self {
+                    sub: sub.into(),
+                    exp,
+                    iss: iss.into(),
+                }
+            }
+        }
     }
 
     #[test]

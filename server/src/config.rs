@@ -84,6 +84,24 @@ pub struct Config {
     #[arg(long, env = "CONFAB_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
 
+    /// Take HS256 tokens from an identity provider, signed with this secret, instead of
+    /// session tokens from Login; the user is the token's `sub`.
+    #[arg(long, env = "CONFAB_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_public_key")]
+    pub jwt_secret: Option<String>,
+
+    /// Take RS256 or ES256 tokens from an identity provider, checked with this public key
+    /// (PEM), instead of session tokens from Login.
+    #[arg(long, env = "CONFAB_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// With JWTs: require this `iss`.
+    #[arg(long, env = "CONFAB_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// With JWTs: require this `aud`.
+    #[arg(long, env = "CONFAB_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
     /// How long a session token is accepted.
     #[arg(long, env = "CONFAB_TOKEN_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,

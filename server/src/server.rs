@@ -21,7 +21,7 @@ use tonic::{
 };
 
 use crate::{
-    auth::{Authenticator, Nicknames, Tokens},
+    auth::{AuthMode, Authenticator, JwtVerifier, Nicknames, Tokens},
     config::Config,
     hub::{Hub, HubConfig},
     limits::{Incoming, Limits},
@@ -89,6 +89,34 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, ServerError> {
     Ok(Some(tls))
 }
 
+/// The identity-provider token verifier the flags ask for, if any.
+fn jwt_verifier(config: &Config) -> Result<Option<JwtVerifier>, ServerError> {
+    let verifier = match (&config.jwt_secret, &config.jwt_public_key) {
+        (Some(secret), _) if secret.len() < 32 => {
+            return Err(ServerError::Config(
+                "--jwt-secret must be at least 32 characters".into(),
+            ));
+        }
+        (Some(secret), _) => JwtVerifier::hs256(secret.as_bytes()),
+        (None, Some(path)) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                ServerError::Config(format!("cannot read {}: {e}", path.display()))
+            })?;
+            JwtVerifier::public_key(&pem)
+                .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?
+        }
+        (None, None) => return Ok(None),
+    };
+    let verifier = match &config.jwt_issuer {
+        Some(issuer) => verifier.issuer(issuer),
+        None => verifier,
+    };
+    Ok(Some(match &config.jwt_audience {
+        Some(audience) => verifier.audience(audience),
+        None => verifier,
+    }))
+}
+
 /// Serves Confab on `listener` until `shutdown` resolves, then drains and returns; serves
 /// metrics on `--metrics-listen` if set.
 pub async fn run(
@@ -147,11 +175,21 @@ pub async fn run_with_metrics(
         }
     });
     let nicknames = Arc::new(Nicknames::new(config.nickname_lease));
+    let auth = Arc::new(match jwt_verifier(&config)? {
+        Some(verifier) => {
+            tracing::info!("authentication: tokens from an identity provider (JWT)");
+            AuthMode::Jwt(verifier)
+        }
+        None => AuthMode::Sessions {
+            tokens,
+            nicknames: nicknames.clone(),
+        },
+    });
     let drain = CancellationToken::new();
 
     let chat = ChatServer::new(
         hub.clone(),
-        tokens.clone(),
+        auth.clone(),
         nicknames.clone(),
         drain.clone(),
         config.max_text_bytes,
@@ -160,7 +198,7 @@ pub async fn run_with_metrics(
     let chat = compressed!(ChatServiceServer::new(chat))
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes.max(1 << 20));
-    let chat = InterceptedService::new(chat, Authenticator::new(tokens, nicknames.clone()));
+    let chat = InterceptedService::new(chat, Authenticator::new(auth));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ChatServiceServer<ChatServer>>().await;

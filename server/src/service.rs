@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{
-    auth::{Identity, Nicknames, Tokens, caller},
+    auth::{AuthMode, Expires, Identity, Nicknames, caller},
     cursor::{Cursor, Delivery, DeliveryStream},
     error::ChatError,
     hub::{Hub, RoomEvent},
@@ -32,8 +32,8 @@ use crate::{
 pub struct ChatServer {
     /// The rooms.
     hub: Arc<Hub>,
-    /// Signs and checks session tokens.
-    tokens: Arc<Tokens>,
+    /// How callers prove who they are.
+    auth: Arc<AuthMode>,
     /// Who holds which nickname.
     nicknames: Arc<Nicknames>,
     /// Cancelled when the server starts draining.
@@ -48,7 +48,7 @@ impl ChatServer {
     /// A service over `hub`.
     pub fn new(
         hub: Arc<Hub>,
-        tokens: Arc<Tokens>,
+        auth: Arc<AuthMode>,
         nicknames: Arc<Nicknames>,
         shutdown: CancellationToken,
         max_text_bytes: usize,
@@ -56,7 +56,7 @@ impl ChatServer {
     ) -> Self {
         Self {
             hub,
-            tokens,
+            auth,
             nicknames,
             shutdown,
             max_text_bytes,
@@ -84,6 +84,45 @@ impl ChatServer {
         Ok(room)
     }
 
+    /// `Login` on a server that takes identity-provider tokens: the call must carry one;
+    /// it is confirmed, and the user is its subject.
+    fn confirm_jwt(
+        &self,
+        request: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let user = caller(&request).map_err(|_| {
+            Status::from(ChatError::Unauthenticated(
+                "this server takes tokens from its identity provider: call with \
+                 `authorization: Bearer <JWT>`"
+                    .into(),
+            ))
+        })?;
+        let asked = &request.get_ref().nickname;
+        if !asked.is_empty() && !asked.eq_ignore_ascii_case(&user.nickname) {
+            return Err(ChatError::denied(
+                "nickname",
+                format!("your token speaks for {:?}, not {asked:?}", user.nickname),
+            )
+            .into());
+        }
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let expires = request.extensions().get::<Expires>().map(|e| e.0);
+        tracing::info!(nickname = %user.nickname, "login with an identity-provider token");
+        Ok(Response::new(pb::LoginResponse {
+            token,
+            nickname: user.nickname,
+            expires_at: expires.map(Into::into),
+            limits: Some(self.hub.limits().config().advertised()),
+        }))
+    }
+
     /// Checks and appends one message from `sender`; resolves once it is committed.
     async fn publish(
         &self,
@@ -109,15 +148,19 @@ impl ChatService for ChatServer {
         &self,
         request: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
+        let tokens = match self.auth.as_ref() {
+            AuthMode::Sessions { tokens, .. } => tokens,
+            AuthMode::Jwt(_) => return self.confirm_jwt(request),
+        };
         let request = request.into_inner();
         validate::nickname("nickname", &request.nickname).map_err(ChatError::from)?;
         // An unusable resume token (expired, from an earlier server) is no error: the
         // login simply does not reclaim anything.
         let resume = (!request.resume_token.is_empty())
-            .then(|| self.tokens.verify(&request.resume_token).ok())
+            .then(|| tokens.verify(&request.resume_token).ok())
             .flatten();
         let identity = self.nicknames.claim(&request.nickname, resume.as_ref())?;
-        let (token, expires) = self.tokens.issue(&identity);
+        let (token, expires) = tokens.issue(&identity);
         tracing::info!(nickname = %identity.nickname, resumed = resume.is_some(), "login");
         Ok(Response::new(pb::LoginResponse {
             token,

@@ -38,6 +38,10 @@ struct Cli {
     /// Your nickname (default: $USER).
     #[arg(long, env = "CONFAB_NICK", global = true)]
     nick: Option<String>,
+    /// A token from the server's identity provider, for servers started with --jwt-*
+    /// (--nick must then be the token's user).
+    #[arg(long, env = "CONFAB_TOKEN", hide_env_values = true, global = true, requires = "nick")]
+    token: Option<String>,
     /// A room to join; repeat for more.
     #[arg(
         long = "room",
@@ -85,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         nickname: nick.clone(),
         rooms: cli.rooms.clone(),
         backoff: Default::default(),
+        identity_token: cli.token.clone(),
         tls: match &cli.tls_ca {
             Some(path) => Some(confab::Tls {
                 ca_pem: Some(
