@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts the real confab-server and talks to it with tools no one here wrote: grpcurl
-# (reflection list, health check, login, an error with its details) and buf curl.
+# (reflection list, health check, login, an error with its details), buf curl, a Python
+# grpcio client chatting with the Rust one, and curl on the metrics page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grpcurl=.ci/venv/bin/grpcurl
@@ -9,7 +10,7 @@ log=$(mktemp)
 # The binary the test build made (a plain `cargo build` would build again: features
 # unify differently without the dev-dependencies).
 cargo test -q --workspace --no-run 2>/dev/null
-target/debug/confab-server --listen 127.0.0.1:0 2>"$log" &
+target/debug/confab-server --in-memory --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 2>"$log" &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; rm -f "$log"' EXIT
 addr=""
@@ -19,7 +20,8 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$addr" ] || { cat "$log"; echo "confab-server did not start"; exit 1; }
-echo "server at $addr"
+metrics=$(grep -o 'metrics at http://[0-9.:]*' "$log" | head -n1 | cut -d/ -f3)
+echo "server at $addr, metrics at $metrics"
 
 expect() { # expect WHAT PATTERN TEXT
   if ! grep -q -- "$2" <<<"$3"; then echo "FAIL: $1: expected /$2/ in:"; echo "$3"; exit 1; fi
@@ -51,6 +53,31 @@ expect "no token is UNAUTHENTICATED" 'Code: Unauthenticated' \
 room=$(cd proto && $buf curl --protocol grpc --http2-prior-knowledge -H "$auth" \
   -d '{"room":"ci-room"}' "http://$addr/chat.v1.ChatService/GetRoom")
 expect "buf curl GetRoom through reflection" '"headSeq": "1"' "$room"
+
+# A client built on grpcio, its stubs generated from proto/ here and now.
+.ci/venv/bin/python tests/interop/chat_client.py "$addr" target/debug/confab
+
+# The metrics page after all that.
+page=$(curl -fsS "http://$metrics/metrics")
+value() { awk -v name="$1" '$1 == name { print $2 }' <<<"$page"; }
+positive() { # positive WHAT SAMPLE
+  v=$(value "$2"); awk -v v="$v" 'BEGIN { exit !(v > 0) }' || { echo "FAIL: $1: $2 is '$v'"; echo "$page"; exit 1; }
+  echo "ok: $1 ($2 = $v)"
+}
+zero() { # zero WHAT SAMPLE
+  v=$(value "$2"); [ "$v" = 0 ] || { echo "FAIL: $1: $2 is '$v'"; echo "$page"; exit 1; }
+  echo "ok: $1 ($2 = $v)"
+}
+positive "connections were accepted" confab_connections_accepted_total
+positive "messages came in" confab_messages_in_total
+positive "messages were delivered" confab_deliveries_total
+positive "rooms exist" confab_rooms
+positive "commits were timed" confab_store_commit_seconds_count
+positive "the flood was limited" 'confab_limited_total{limit="send_rate"}'
+zero "no chat stream is left open" 'confab_streams{kind="chat"}'
+zero "no subscription is left open" 'confab_streams{kind="subscribe"}'
+zero "no reader stalled" confab_slow_reader_disconnects_total
+expect "the commit latency is a histogram" '^# TYPE confab_store_commit_seconds histogram' "$page"
 
 kill -TERM "$pid"
 wait "$pid"

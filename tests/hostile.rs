@@ -147,7 +147,13 @@ async fn hostile_input_is_refused_and_nothing_leaks() {
     assert_eq!(status.code(), Code::Internal, "{status:?}");
     assert!(status.message().contains("text"), "{status:?}");
     // An enum value that does not exist.
-    let outgoing = [field(1, b"lobby"), field(2, b"hi"), field(3, b"id-1"), vec![4 << 3, 99]].concat();
+    let outgoing = [
+        field(1, b"lobby"),
+        field(2, b"hi"),
+        field(3, b"id-1"),
+        vec![4 << 3, 99],
+    ]
+    .concat();
     let status = raw_call(&channel, &token, PUBLISH, field(1, &outgoing)).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(common::violated_fields(&status), ["message.kind"]);
@@ -155,7 +161,9 @@ async fn hostile_input_is_refused_and_nothing_leaks() {
     let status = raw_call(&channel, &token, PUBLISH, Vec::new()).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // A huge repeated field: 10,000 rooms in one subscription.
-    let rooms: Vec<u8> = (0..10_000).flat_map(|_| field(1, &field(1, b"a"))).collect();
+    let rooms: Vec<u8> = (0..10_000)
+        .flat_map(|_| field(1, &field(1, b"a")))
+        .collect();
     let status = raw_call(&channel, &token, SUBSCRIBE, rooms).await;
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(common::violated_fields(&status), ["rooms"]);
@@ -174,7 +182,9 @@ async fn hostile_input_is_refused_and_nothing_leaks() {
             };
             match round % 3 {
                 0 => {
-                    let _ = stream.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage").await;
+                    let _ = stream
+                        .write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage")
+                        .await;
                 }
                 1 => {
                     let _ = stream.write_all(b"PRI * HTTP/2.0\r\n").await;
@@ -231,12 +241,16 @@ async fn hostile_input_is_refused_and_nothing_leaks() {
     }
 
     // Everything the storm opened is gone again.
-    let after = metrics_until(server.metrics_addr, "the server to be back at its baseline", |page| {
-        metric(page, r#"confab_streams{kind="chat"}"#) == 2.0
-            && metric(page, r#"confab_streams{kind="subscribe"}"#) == 0.0
-            && metric(page, "confab_connections") == 2.0
-            && metric(page, "confab_tasks") <= base_tasks
-    })
+    let after = metrics_until(
+        server.metrics_addr,
+        "the server to be back at its baseline",
+        |page| {
+            metric(page, r#"confab_streams{kind="chat"}"#) == 2.0
+                && metric(page, r#"confab_streams{kind="subscribe"}"#) == 0.0
+                && metric(page, "confab_connections") == 2.0
+                && metric(page, "confab_tasks") <= base_tasks
+        },
+    )
     .await;
     assert!(metric(&after, "confab_connections_accepted_total") >= 1_000.0);
 }

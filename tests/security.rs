@@ -16,10 +16,7 @@ use tonic::Code;
 use tonic_types::StatusExt as _;
 
 fn limited(limits: LimitConfig) -> Config {
-    Config {
-        limits,
-        ..config()
-    }
+    Config { limits, ..config() }
 }
 
 fn message(room: &str, text: &str) -> pb::OutgoingMessage {
@@ -78,9 +75,10 @@ async fn a_flooding_user_is_refused_with_retry_info_while_others_flow() {
         bob_chat.say("lobby", &format!("bob {n}")).await;
     }
     let got = alice_chat
-        .until("bob's last message", |e| {
-            matches!(&e.event, Some(Event::Message(m)) if m.text == "bob 2")
-        })
+        .until(
+            "bob's last message",
+            |e| matches!(&e.event, Some(Event::Message(m)) if m.text == "bob 2"),
+        )
         .await;
     assert!(got.event.is_some());
 
@@ -213,7 +211,10 @@ async fn room_creation_is_limited_per_user_and_in_total() {
     // Joining a room that does not exist creates it, so it is limited the same way.
     let mut chat = Events::open(&alice).await;
     let id = chat.chat.sender().join("four", None).await.unwrap();
-    assert_eq!(command_error(chat.reply(id).await).0, Code::ResourceExhausted);
+    assert_eq!(
+        command_error(chat.reply(id).await).0,
+        Code::ResourceExhausted
+    );
     // Existing rooms are open to join.
     chat.join("one", None).await;
 
@@ -318,11 +319,27 @@ async fn a_private_room_admits_only_its_owner_and_invited_users() {
         .unwrap_err();
     assert_eq!(subscribe.code(), Code::PermissionDenied);
     // Only the owner invites.
-    let id = bob_chat.chat.sender().invite("secret", "bob").await.unwrap();
-    assert_eq!(command_error(bob_chat.reply(id).await).0, Code::PermissionDenied);
+    let id = bob_chat
+        .chat
+        .sender()
+        .invite("secret", "bob")
+        .await
+        .unwrap();
+    assert_eq!(
+        command_error(bob_chat.reply(id).await).0,
+        Code::PermissionDenied
+    );
 
-    let id = alice_chat.chat.sender().invite("secret", "Bob").await.unwrap();
-    assert!(matches!(alice_chat.reply(id).await, Event::ModerationDone(_)));
+    let id = alice_chat
+        .chat
+        .sender()
+        .invite("secret", "Bob")
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice_chat.reply(id).await,
+        Event::ModerationDone(_)
+    ));
     let joined = bob_chat.join("secret", None).await;
     assert_eq!(joined.members, ["alice", "bob"]);
     assert_eq!(bob_chat.message().await.text, "for invited eyes");
@@ -346,8 +363,16 @@ async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
     bob_laptop.join("den", None).await;
 
     // Bob cannot kick the owner, nor anyone: he does not own the room.
-    let id = bob_phone.chat.sender().kick("den", "alice", "").await.unwrap();
-    assert_eq!(command_error(bob_phone.reply(id).await).0, Code::PermissionDenied);
+    let id = bob_phone
+        .chat
+        .sender()
+        .kick("den", "alice", "")
+        .await
+        .unwrap();
+    assert_eq!(
+        command_error(bob_phone.reply(id).await).0,
+        Code::PermissionDenied
+    );
 
     let id = alice_chat
         .chat
@@ -355,12 +380,17 @@ async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
         .kick("den", "bob", "cool off")
         .await
         .unwrap();
-    assert!(matches!(alice_chat.reply(id).await, Event::ModerationDone(_)));
+    assert!(matches!(
+        alice_chat.reply(id).await,
+        Event::ModerationDone(_)
+    ));
     for stream in [&mut bob_phone, &mut bob_laptop] {
         let left = stream
             .until("the kick", |e| matches!(e.event, Some(Event::Left(_))))
             .await;
-        let Some(Event::Left(left)) = left.event else { unreachable!() };
+        let Some(Event::Left(left)) = left.event else {
+            unreachable!()
+        };
         assert_eq!(left.reason(), LeaveReason::Kicked);
         assert_eq!(left.by, "alice");
         assert_eq!(left.message, "cool off");
@@ -375,14 +405,25 @@ async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
     // A kick is not a ban: Bob may come back.
     bob_phone.join("den", None).await;
 
-    let id = alice_chat.chat.sender().ban("den", "bob", "").await.unwrap();
-    assert!(matches!(alice_chat.reply(id).await, Event::ModerationDone(_)));
+    let id = alice_chat
+        .chat
+        .sender()
+        .ban("den", "bob", "")
+        .await
+        .unwrap();
+    assert!(matches!(
+        alice_chat.reply(id).await,
+        Event::ModerationDone(_)
+    ));
     let left = bob_phone
         .until("the ban", |e| matches!(e.event, Some(Event::Left(_))))
         .await;
     assert!(matches!(left.event, Some(Event::Left(l)) if l.reason() == LeaveReason::Banned));
     let id = bob_phone.chat.sender().join("den", None).await.unwrap();
-    assert_eq!(command_error(bob_phone.reply(id).await).0, Code::PermissionDenied);
+    assert_eq!(
+        command_error(bob_phone.reply(id).await).0,
+        Code::PermissionDenied
+    );
 
     // The ban is stored: it holds after a restart.
     drop((alice_chat, bob_phone, bob_laptop, alice, bob));
@@ -391,12 +432,18 @@ async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
     let bob = server.client("bob").await;
     let mut bob_chat = Events::open(&bob).await;
     let id = bob_chat.chat.sender().join("den", None).await.unwrap();
-    assert_eq!(command_error(bob_chat.reply(id).await).0, Code::PermissionDenied);
+    assert_eq!(
+        command_error(bob_chat.reply(id).await).0,
+        Code::PermissionDenied
+    );
     // An invite lifts it.
     let alice = server.client("alice").await;
     let mut alice_chat = Events::open(&alice).await;
     let id = alice_chat.chat.sender().invite("den", "bob").await.unwrap();
-    assert!(matches!(alice_chat.reply(id).await, Event::ModerationDone(_)));
+    assert!(matches!(
+        alice_chat.reply(id).await,
+        Event::ModerationDone(_)
+    ));
     bob_chat.join("den", None).await;
 }
 
@@ -437,10 +484,14 @@ async fn the_metrics_page_counts_what_happened() {
     assert!(page.contains("# TYPE confab_store_commit_seconds histogram"));
 
     drop((alice_chat, bob_chat, alice, bob));
-    metrics_until(server.metrics_addr, "streams and connections to close", |page| {
-        metric(page, r#"confab_streams{kind="chat"}"#) == 0.0
-            && metric(page, "confab_connections") == 0.0
-    })
+    metrics_until(
+        server.metrics_addr,
+        "streams and connections to close",
+        |page| {
+            metric(page, r#"confab_streams{kind="chat"}"#) == 0.0
+                && metric(page, "confab_connections") == 0.0
+        },
+    )
     .await;
 }
 
@@ -506,7 +557,9 @@ async fn identity_provider_tokens_name_the_user() {
     // Session logins are not how this server works.
     let mut plain = server.anonymous().await;
     let refused = plain.login("bob").await.unwrap_err();
-    assert!(matches!(&refused, confab::ClientError::Status(s) if s.code() == Code::Unauthenticated));
+    assert!(
+        matches!(&refused, confab::ClientError::Status(s) if s.code() == Code::Unauthenticated)
+    );
 
     // Tampered, expired, foreign-issuer and other-key tokens are refused.
     let mut tampered = token.clone();
@@ -563,7 +616,11 @@ async fn a_shared_secret_works_for_hs256_providers() {
     .unwrap();
     let mut carol = server.anonymous().await;
     assert_eq!(
-        carol.login_with_token(&token, "Carol").await.unwrap().nickname,
+        carol
+            .login_with_token(&token, "Carol")
+            .await
+            .unwrap()
+            .nickname,
         "carol"
     );
     carol

@@ -354,8 +354,12 @@ impl JwtVerifier {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| format!("the token is not accepted: {e}"))?
             .claims;
-        crate::validate::nickname("sub", &claims.sub)
-            .map_err(|v| format!("the token's subject cannot be a nickname: {}", v.description))?;
+        crate::validate::nickname("sub", &claims.sub).map_err(|v| {
+            format!(
+                "the token's subject cannot be a nickname: {}",
+                v.description
+            )
+        })?;
         let identity = Identity {
             nickname: claims.sub,
             session: 0,
@@ -374,7 +378,7 @@ pub enum AuthMode {
         nicknames: Arc<Nicknames>,
     },
     /// Tokens from an identity provider.
-    Jwt(JwtVerifier),
+    Jwt(Box<JwtVerifier>),
 }
 
 /// The interceptor: verifies `authorization: Bearer <token>` and records the [`Identity`].
@@ -405,7 +409,8 @@ impl AuthMode {
                 Ok((identity, None))
             }
             AuthMode::Jwt(verifier) => {
-                let (identity, expires) = verifier.verify(token).map_err(Status::unauthenticated)?;
+                let (identity, expires) =
+                    verifier.verify(token).map_err(Status::unauthenticated)?;
                 Ok((identity, Some(expires)))
             }
         }
@@ -515,7 +520,10 @@ mod tests {
     #[test]
     fn identity_provider_tokens_are_checked_for_signature_expiry_and_subject() {
         use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let sign = |secret: &[u8], claims: signed::Claims| {
             encode(
                 &Header::new(Algorithm::HS256),
@@ -530,14 +538,31 @@ mod tests {
         assert_eq!(identity.nickname, "alice");
         assert_eq!(expires, UNIX_EPOCH + Duration::from_secs(now + 600));
 
-        let wrong_key = sign(b"not-the-secret", signed::Claims::new("alice", now + 600, "idp"));
+        let wrong_key = sign(
+            b"not-the-secret",
+            signed::Claims::new("alice", now + 600, "idp"),
+        );
         assert!(verifier.verify(&wrong_key).is_err());
-        let expired = sign(b"provider-secret", signed::Claims::new("alice", now - 600, "idp"));
+        let expired = sign(
+            b"provider-secret",
+            signed::Claims::new("alice", now - 600, "idp"),
+        );
         assert!(verifier.verify(&expired).unwrap_err().contains("Expired"));
-        let other_issuer = sign(b"provider-secret", signed::Claims::new("alice", now + 600, "evil"));
+        let other_issuer = sign(
+            b"provider-secret",
+            signed::Claims::new("alice", now + 600, "evil"),
+        );
         assert!(verifier.verify(&other_issuer).is_err());
-        let bad_subject = sign(b"provider-secret", signed::Claims::new("no spaces", now + 600, "idp"));
-        assert!(verifier.verify(&bad_subject).unwrap_err().contains("nickname"));
+        let bad_subject = sign(
+            b"provider-secret",
+            signed::Claims::new("no spaces", now + 600, "idp"),
+        );
+        assert!(
+            verifier
+                .verify(&bad_subject)
+                .unwrap_err()
+                .contains("nickname")
+        );
     }
 
     /// The claims a provider signs, for the tests.

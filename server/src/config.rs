@@ -86,7 +86,12 @@ pub struct Config {
 
     /// Take HS256 tokens from an identity provider, signed with this secret, instead of
     /// session tokens from Login; the user is the token's `sub`.
-    #[arg(long, env = "CONFAB_JWT_SECRET", hide_env_values = true, conflicts_with = "jwt_public_key")]
+    #[arg(
+        long,
+        env = "CONFAB_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_public_key"
+    )]
     pub jwt_secret: Option<String>,
 
     /// Take RS256 or ES256 tokens from an identity provider, checked with this public key

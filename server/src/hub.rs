@@ -118,7 +118,9 @@ pub struct Room {
 
 impl std::fmt::Debug for Room {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Room").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("Room")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -222,21 +224,28 @@ impl Room {
             let mut state = self.state();
             let owner = state.record.created_by.to_lowercase();
             if by.to_lowercase() != owner {
-                return Err(ChatError::denied("room", format!(
-                    "only the room's owner ({}) may invite, kick or ban",
-                    state.record.created_by
-                )));
+                return Err(ChatError::denied(
+                    "room",
+                    format!(
+                        "only the room's owner ({}) may invite, kick or ban",
+                        state.record.created_by
+                    ),
+                ));
             }
             let key = target.to_lowercase();
             if key == owner {
-                return Err(ChatError::invalid("user", "the owner cannot be put out of their own room"));
+                return Err(ChatError::invalid(
+                    "user",
+                    "the owner cannot be put out of their own room",
+                ));
             }
             let (access, removal) = match action {
                 Moderation::Invite => (Some(Some(Access::Invited)), None),
                 Moderation::Kick(message) => (None, Some((pb::LeaveReason::Kicked, message))),
-                Moderation::Ban(message) => {
-                    (Some(Some(Access::Banned)), Some((pb::LeaveReason::Banned, message)))
-                }
+                Moderation::Ban(message) => (
+                    Some(Some(Access::Banned)),
+                    Some((pb::LeaveReason::Banned, message)),
+                ),
             };
             if let Some((reason, message)) = removal
                 && let Some(removals) = state.removals.get(&key)
@@ -336,7 +345,10 @@ impl Room {
                     .recent
                     .insert(key, seq, commit.clone(), self.head_seq());
                 // Called under the lock so the store gets each room's messages in seq order.
-                store.append(stored.clone(), self.on_committed(stored, tx, Instant::now()));
+                store.append(
+                    stored.clone(),
+                    self.on_committed(stored, tx, Instant::now()),
+                );
                 (seq, false, commit)
             }
         };
@@ -529,15 +541,18 @@ fn admit(record: &RoomRecord, user: &str) -> Result<(), ChatError> {
         return Ok(());
     }
     match record.access.get(&key) {
-        Some(Access::Banned) => Err(ChatError::denied("room", format!(
-            "you are banned from room {:?}",
-            record.name
-        ))),
+        Some(Access::Banned) => Err(ChatError::denied(
+            "room",
+            format!("you are banned from room {:?}", record.name),
+        )),
         Some(Access::Invited) => Ok(()),
-        None if record.private => Err(ChatError::denied("room", format!(
-            "room {:?} is private; its owner must invite you",
-            record.name
-        ))),
+        None if record.private => Err(ChatError::denied(
+            "room",
+            format!(
+                "room {:?} is private; its owner must invite you",
+                record.name
+            ),
+        )),
         None => Ok(()),
     }
 }
@@ -850,7 +865,8 @@ mod tests {
         for i in 0..10 {
             say(&hub, "r", &i.to_string()).await;
         }
-        let (joined, mut cursor, _presence) = room.join(hub.store().clone(), "bob", None, 3).unwrap();
+        let (joined, mut cursor, _presence) =
+            room.join(hub.store().clone(), "bob", None, 3).unwrap();
         assert_eq!(joined.replay_from_seq, 8);
         assert_eq!(joined.members, vec!["bob".to_string()]);
         say(&hub, "r", "live").await;

@@ -116,8 +116,7 @@ pub struct Limits {
 impl Limits {
     /// Limits as `config` says, counting refusals in `metrics`.
     pub fn new(config: LimitConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
-        let burst = NonZeroU32::new(config.send_burst)
-            .ok_or("--send-burst must be at least 1")?;
+        let burst = NonZeroU32::new(config.send_burst).ok_or("--send-burst must be at least 1")?;
         let sends = if config.send_rate > 0.0 && config.send_rate.is_finite() {
             Some(
                 Quota::with_period(Duration::from_secs_f64(1.0 / config.send_rate))
@@ -379,10 +378,7 @@ impl AsyncWrite for Counted {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 
@@ -423,7 +419,9 @@ mod tests {
         };
         let retry_after = retry_after.expect("a retry delay");
         assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
-        limits.send("bob").expect("another user has a bucket of its own");
+        limits
+            .send("bob")
+            .expect("another user has a bucket of its own");
         assert_eq!(metrics.limited_count(Limit::SendRate), 1);
     }
 

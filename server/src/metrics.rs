@@ -91,7 +91,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("confab");
         let connections = Gauge::default();
-        registry.register("connections", "Open client connections", connections.clone());
+        registry.register(
+            "connections",
+            "Open client connections",
+            connections.clone(),
+        );
         let connections_accepted = Counter::default();
         registry.register(
             "connections_accepted",
@@ -100,7 +104,9 @@ impl Metrics {
         );
         let streams = Family::<StreamLabels, Gauge>::default();
         registry.register("streams", "Open streaming calls", streams.clone());
-        let chat_streams = streams.get_or_create(&StreamLabels { kind: "chat" }).clone();
+        let chat_streams = streams
+            .get_or_create(&StreamLabels { kind: "chat" })
+            .clone();
         let subscribe_streams = streams
             .get_or_create(&StreamLabels { kind: "subscribe" })
             .clone();

@@ -97,15 +97,15 @@ impl<T: Send + 'static> Outbound<T> {
         self.metrics.slow_reader_disconnects.inc();
         tracing::info!(timeout = ?self.stall_timeout, "ending a stream whose client stopped reading");
         End::Failed(
-                    ChatError::ResourceExhausted {
-                        description: format!(
-                            "the client read nothing for {:?}; resume after the last seq received",
-                            self.stall_timeout
-                        ),
-                        retry_after: None,
-                    }
-                    .into(),
-                )
+            ChatError::ResourceExhausted {
+                description: format!(
+                    "the client read nothing for {:?}; resume after the last seq received",
+                    self.stall_timeout
+                ),
+                retry_after: None,
+            }
+            .into(),
+        )
     }
 
     /// Resolves when the server starts draining.

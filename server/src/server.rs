@@ -99,9 +99,8 @@ fn jwt_verifier(config: &Config) -> Result<Option<JwtVerifier>, ServerError> {
         }
         (Some(secret), _) => JwtVerifier::hs256(secret.as_bytes()),
         (None, Some(path)) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                ServerError::Config(format!("cannot read {}: {e}", path.display()))
-            })?;
+            let pem = std::fs::read(path)
+                .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
             JwtVerifier::public_key(&pem)
                 .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?
         }
@@ -141,9 +140,8 @@ pub async fn run_with_metrics(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new());
-    let limits = Arc::new(
-        Limits::new(config.limits.clone(), metrics.clone()).map_err(ServerError::Config)?,
-    );
+    let limits =
+        Arc::new(Limits::new(config.limits.clone(), metrics.clone()).map_err(ServerError::Config)?);
     let store: Arc<dyn Store> = if config.in_memory {
         tracing::info!("storage: in memory (nothing will survive this process)");
         Arc::new(MemoryStore::new())
@@ -178,7 +176,7 @@ pub async fn run_with_metrics(
     let auth = Arc::new(match jwt_verifier(&config)? {
         Some(verifier) => {
             tracing::info!("authentication: tokens from an identity provider (JWT)");
-            AuthMode::Jwt(verifier)
+            AuthMode::Jwt(Box::new(verifier))
         }
         None => AuthMode::Sessions {
             tokens,

@@ -211,7 +211,12 @@ impl ChatService for ChatServer {
         validate::topic("topic", &request.topic).map_err(ChatError::from)?;
         let room = self
             .hub
-            .create_room(&request.room, &request.topic, &user.nickname, request.private)
+            .create_room(
+                &request.room,
+                &request.topic,
+                &user.nickname,
+                request.private,
+            )
             .await?;
         Ok(Response::new(pb::CreateRoomResponse {
             room: Some(room.info()),
@@ -391,10 +396,11 @@ impl ChatService for ChatServer {
         }
         let most = self.hub.limits().config().max_rooms_per_stream;
         if request.rooms.len() > most {
-            return Err(
-                ChatError::invalid("rooms", format!("at most {most} rooms per subscription"))
-                    .into(),
-            );
+            return Err(ChatError::invalid(
+                "rooms",
+                format!("at most {most} rooms per subscription"),
+            )
+            .into());
         }
         let mut cursors = StreamMap::new();
         for (i, position) in request.rooms.iter().enumerate() {

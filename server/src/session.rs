@@ -109,6 +109,11 @@ impl Session {
         cursors: &mut StreamMap<String, DeliveryStream>,
     ) -> Result<(), End> {
         let request_id = frame.request_id;
+        if let Some(command) = &frame.command
+            && let Err(violation) = validate::command(command, self.max_text_bytes)
+        {
+            return refuse(out, request_id, ChatError::InvalidArgument(violation)).await;
+        }
         let reply = match frame.command {
             None => Err(ChatError::invalid(
                 "command",
@@ -173,11 +178,7 @@ impl Session {
         match reply {
             Ok(Some(event)) => out.send(reply_to(request_id, event)).await,
             Ok(None) => Ok(()),
-            Err(error) => {
-                tracing::debug!(request_id, %error, "command refused");
-                out.send(reply_to(request_id, Event::Error(error.to_command_error())))
-                    .await
-            }
+            Err(error) => refuse(out, request_id, error).await,
         }
     }
 
@@ -261,9 +262,6 @@ impl Session {
         reason: &str,
         action: impl FnOnce(String) -> Moderation,
     ) -> Result<Event, ChatError> {
-        validate::room_name("room", room)?;
-        validate::nickname("user", user)?;
-        validate::topic("reason", reason)?;
         self.hub
             .room("room", room)?
             .moderate(
@@ -363,6 +361,17 @@ fn chat_event(room: &str, delivery: Delivery) -> Event {
             message: removal.message.clone(),
         }),
     }
+}
+
+/// Answers the frame with `request_id` with `error`; the stream goes on.
+async fn refuse(
+    out: &Outbound<ChatResponse>,
+    request_id: u64,
+    error: ChatError,
+) -> Result<(), End> {
+    tracing::debug!(request_id, %error, "command refused");
+    out.send(reply_to(request_id, Event::Error(error.to_command_error())))
+        .await
 }
 
 /// An event pushed by a room (no request id).

@@ -1,7 +1,7 @@
 //! Checks of client-controlled fields. Each returns the [`Violation`] of the field it
 //! checks, named as in the proto; callers put it under the message it belongs to.
 
-use confab::pb::{self, MessageKind};
+use confab::pb::{self, MessageKind, chat_request::Command};
 
 use crate::error::Violation;
 
@@ -144,6 +144,39 @@ pub fn outgoing(
         client_msg_id: message.client_msg_id,
         kind,
     })
+}
+
+/// Checks the fields of one `Chat` command, named as in the frame (`send.text`,
+/// `kick.user`); the session does this before it acts on any frame. Whether the rooms
+/// exist and the user may act in them is the hub's business, not this.
+pub fn command(command: &Command, max_text_bytes: usize) -> Result<(), Violation> {
+    match command {
+        Command::Join(join) => room_name("room", &join.room).map_err(|v| v.within("join")),
+        Command::Leave(leave) => room_name("room", &leave.room).map_err(|v| v.within("leave")),
+        Command::Send(message) => outgoing(message.clone(), max_text_bytes)
+            .map(drop)
+            .map_err(|v| v.within("send")),
+        Command::Typing(typing) => room_name("room", &typing.room).map_err(|v| v.within("typing")),
+        Command::SetTopic(set) => room_name("room", &set.room)
+            .and_then(|()| topic("topic", &set.topic))
+            .map_err(|v| v.within("set_topic")),
+        Command::Invite(invite) => room_name("room", &invite.room)
+            .and_then(|()| nickname("user", &invite.user))
+            .map_err(|v| v.within("invite")),
+        Command::Kick(pb::Kick { room, user, reason }) => {
+            moderation(room, user, reason).map_err(|v| v.within("kick"))
+        }
+        Command::Ban(pb::Ban { room, user, reason }) => {
+            moderation(room, user, reason).map_err(|v| v.within("ban"))
+        }
+        Command::Ping(_) => Ok(()),
+    }
+}
+
+fn moderation(room: &str, user: &str, reason: &str) -> Result<(), Violation> {
+    room_name("room", room)?;
+    nickname("user", user)?;
+    topic("reason", reason)
 }
 
 #[cfg(test)]

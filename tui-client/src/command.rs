@@ -189,7 +189,12 @@ mod tests {
         assert!(parse("/join a b").unwrap_err().0.contains("usage: /join"));
         assert!(parse("/me").unwrap_err().0.contains("usage: /me"));
         assert!(parse("/kick").unwrap_err().0.contains("usage: /kick NICK"));
-        assert!(parse("/invite a b").unwrap_err().0.contains("usage: /invite"));
+        assert!(
+            parse("/invite a b")
+                .unwrap_err()
+                .0
+                .contains("usage: /invite")
+        );
         assert!(
             parse("/frobnicate")
                 .unwrap_err()

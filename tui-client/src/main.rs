@@ -40,7 +40,13 @@ struct Cli {
     nick: Option<String>,
     /// A token from the server's identity provider, for servers started with --jwt-*
     /// (--nick must then be the token's user).
-    #[arg(long, env = "CONFAB_TOKEN", hide_env_values = true, global = true, requires = "nick")]
+    #[arg(
+        long,
+        env = "CONFAB_TOKEN",
+        hide_env_values = true,
+        global = true,
+        requires = "nick"
+    )]
     token: Option<String>,
     /// A room to join; repeat for more.
     #[arg(

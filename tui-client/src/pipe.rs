@@ -141,7 +141,9 @@ fn json_line(event: &ConversationEvent) -> Option<Value> {
                 "kind": "left", "room": l.room,
                 "reason": l.reason().as_str_name(), "by": l.by, "text": l.message,
             }),
-            Event::ModerationDone(d) => json!({"kind": "moderation_done", "room": d.room, "user": d.user}),
+            Event::ModerationDone(d) => {
+                json!({"kind": "moderation_done", "room": d.room, "user": d.user})
+            }
             Event::Pong(_) | Event::Reconnect(_) => return None,
         },
     })
