@@ -1071,6 +1071,40 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_owner_moderates_the_room_shown_and_a_kick_is_explained() {
+        let mut app = app();
+        app.update(joined("lobby", &["alice", "bob"], ""));
+        assert_eq!(
+            type_line(&mut app, "/kick bob enough now").last(),
+            Some(&Effect::Kick {
+                room: "lobby".into(),
+                user: "bob".into(),
+                reason: "enough now".into()
+            })
+        );
+        assert_eq!(
+            type_line(&mut app, "/invite carol").last(),
+            Some(&Effect::Invite {
+                room: "lobby".into(),
+                user: "carol".into()
+            })
+        );
+        app.update(server(ServerEvent::Left(pb::Left {
+            room: "lobby".into(),
+            reason: pb::LeaveReason::Banned as i32,
+            by: "bob".into(),
+            message: "spam".into(),
+        })));
+        let room = &app.rooms[0];
+        assert!(!room.joined && room.members.is_empty());
+        assert!(
+            matches!(room.entries.last(), Some(Entry::Error(e)) if e == "you were banned from lobby by bob: spam"),
+            "{:?}",
+            room.entries.last()
+        );
+    }
+
+    #[test]
     fn ctrl_c_quits() {
         let mut app = app();
         app.update(ctrl('c'));
