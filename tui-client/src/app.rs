@@ -418,7 +418,13 @@ impl App {
                     return effects;
                 }
                 match self.rooms.iter().position(|r| r.name == name) {
-                    Some(index) => self.switch(index),
+                    Some(index) => {
+                        self.switch(index);
+                        // A tab left behind by a kick: join again.
+                        if !self.rooms[index].joined {
+                            effects.push(Effect::Join(name));
+                        }
+                    }
                     None => {
                         self.rooms.push(RoomView::new(&name));
                         self.switch(self.rooms.len() - 1);
@@ -1101,6 +1107,11 @@ pub(crate) mod tests {
             matches!(room.entries.last(), Some(Entry::Error(e)) if e == "you were banned from lobby by bob: spam"),
             "{:?}",
             room.entries.last()
+        );
+        assert_eq!(
+            type_line(&mut app, "/join lobby").last(),
+            Some(&Effect::Join("lobby".into())),
+            "the tab stays, and /join tries again"
         );
     }
 
