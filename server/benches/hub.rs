@@ -1,0 +1,109 @@
+//! The hub's hot path: append + fan-out, in process, with no network.
+//!
+//! One room on the in-memory store; `readers` cursors (as sessions hold them) each pull
+//! every message on tasks of their own while one publisher appends 1,000 messages with
+//! 100 bytes of text. The clock runs from the first append to the last reader's last
+//! message, so a figure is the cost of one append plus its delivery to every reader;
+//! throughput is counted in deliveries (messages × readers; messages alone with no reader).
+//!
+//! Run: `cargo bench -p confab-server --bench hub`.
+
+use std::{sync::Arc, time::Duration};
+
+use confab::MessageKind;
+use confab_server::{
+    cursor::Delivery,
+    hub::{Hub, HubConfig, RoomEvent},
+    limits::{LimitConfig, Limits},
+    metrics::Metrics,
+    store::MemoryStore,
+    validate::Outgoing,
+};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+const MESSAGES: u64 = 1_000;
+
+fn hub() -> Hub {
+    let metrics = Arc::new(Metrics::new());
+    let limits = Limits::new(LimitConfig::unlimited(), metrics.clone()).unwrap();
+    Hub::new(
+        Arc::new(MemoryStore::new()),
+        HubConfig {
+            ring_capacity: 1024,
+            history_on_join: 0,
+            dedupe_window: Duration::from_secs(600),
+        },
+        Arc::new(limits),
+        metrics,
+    )
+    .unwrap()
+}
+
+/// One round: `readers` cursors receive `MESSAGES` appends; returns the time it took.
+async fn round(readers: u64) -> Duration {
+    let hub = hub();
+    let room = hub.open_room("bench", "publisher").await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..readers {
+        let mut cursor = room.tail(hub.store().clone(), None);
+        tasks.push(tokio::spawn(async move {
+            let mut seen = 0;
+            while seen < MESSAGES {
+                match cursor.next().await.unwrap() {
+                    Some(Delivery::Event(RoomEvent::Message(_))) => seen += 1,
+                    Some(_) => {}
+                    None => panic!("the room closed"),
+                }
+            }
+        }));
+    }
+    let text = "x".repeat(100);
+    let start = tokio::time::Instant::now();
+    for n in 0..MESSAGES {
+        let message = Outgoing {
+            room: "bench".into(),
+            text: text.clone(),
+            client_msg_id: n.to_string(),
+            kind: MessageKind::Text,
+        };
+        hub.publish("room", "publisher", message).await.unwrap();
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    start.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("hub_append_fanout");
+    group.measurement_time(Duration::from_secs(10));
+    group.warm_up_time(Duration::from_secs(3));
+    group.sample_size(20);
+    for readers in [0, 1, 100, 1_000] {
+        group.throughput(Throughput::Elements(MESSAGES * readers.max(1)));
+        group.bench_with_input(
+            BenchmarkId::from_parameter(readers),
+            &readers,
+            |b, &readers| {
+                b.iter_custom(|iterations| {
+                    runtime.block_on(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iterations {
+                            total += round(readers).await;
+                        }
+                        total
+                    })
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
