@@ -17,6 +17,7 @@
 //! * [`cursor`]: one reader in one room: replay, live, catch-up; no gaps, no duplicates.
 //! * [`outbound`]: the sending half of a server stream, and how a stream ends.
 //! * [`store`]: the storage engine behind the hub.
+//! * [`connection`]: accepted connections: counted per address, small writes coalesced.
 //! * [`limits`]: flood control (send rate, room creation, connections, streams, rooms).
 //! * [`metrics`]: the Prometheus figures and their endpoint.
 //! * [`validate`], [`pagination`], [`error`]: checks of client input and how failures
@@ -26,6 +27,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod connection;
 pub mod cursor;
 pub mod error;
 pub mod hub;

@@ -8,38 +8,26 @@
 //!   messages that followed it, out of the user's order.
 //! * **Room creation**, per user: `--room-creation-per-minute`; and at most `--max-rooms`
 //!   rooms on the server.
-//! * **Connections per IP address**: counted as they are accepted ([`Incoming`]); one over
-//!   the limit is closed at once, before any TLS or HTTP/2 work is done for it.
+//! * **Connections per IP address**: counted as they are accepted ([`Incoming`](crate::connection::Incoming)); one over
+//!   the limit is closed at once, before any TLS or HTTP/2 work is done for it (see
+//!   `connection.rs`).
 //! * **Streams per user** and **rooms per stream** are counted where they are opened (the
 //!   nickname registry and the chat session).
 //!
 //! Every refusal is counted in `confab_limited_total{limit=...}`.
 
-use std::{
-    net::IpAddr,
-    num::NonZeroU32,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
 
 use clap::Args;
 use dashmap::DashMap;
-use futures::Stream;
 use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock as _, DefaultClock},
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::TcpStream,
-};
-use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::{
     error::ChatError,
-    metrics::{Held, Limit, Metrics},
+    metrics::{Limit, Metrics},
 };
 
 /// The limits, as flags.
@@ -267,131 +255,6 @@ impl Drop for StreamGuard {
             *open -= 1;
             *open == 0
         });
-    }
-}
-
-/// Accepted connections, counted per IP address: the ones over the limit are closed.
-pub struct Incoming<S> {
-    listener: S,
-    per_ip: Arc<DashMap<IpAddr, usize>>,
-    max_per_ip: usize,
-    metrics: Arc<Metrics>,
-}
-
-impl<S> Incoming<S> {
-    /// Counts the connections `listener` accepts.
-    pub fn new(listener: S, max_per_ip: usize, metrics: Arc<Metrics>) -> Self {
-        Self {
-            listener,
-            per_ip: Arc::new(DashMap::new()),
-            max_per_ip,
-            metrics,
-        }
-    }
-}
-
-impl<S> Stream for Incoming<S>
-where
-    S: Stream<Item = std::io::Result<TcpStream>> + Unpin,
-{
-    type Item = std::io::Result<Counted>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            let stream = match Pin::new(&mut self.listener).poll_next(cx) {
-                Poll::Ready(Some(Ok(stream))) => stream,
-                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            };
-            self.metrics.connections_accepted.inc();
-            // A connection reset before it was accepted has no peer left: nothing to serve.
-            let Ok(peer) = stream.peer_addr() else {
-                continue;
-            };
-            let ip = peer.ip();
-            {
-                let mut count = self.per_ip.entry(ip).or_insert(0);
-                if *count >= self.max_per_ip {
-                    drop(count);
-                    self.metrics.limited(Limit::ConnectionsPerIp);
-                    tracing::warn!(%ip, limit = self.max_per_ip, "too many connections; closing one");
-                    continue; // dropping the stream closes it
-                }
-                *count += 1;
-            }
-            return Poll::Ready(Some(Ok(Counted {
-                stream,
-                ip,
-                per_ip: self.per_ip.clone(),
-                _open: Held::new(&self.metrics.connections),
-            })));
-        }
-    }
-}
-
-/// An accepted connection, counted until it closes.
-pub struct Counted {
-    stream: TcpStream,
-    ip: IpAddr,
-    per_ip: Arc<DashMap<IpAddr, usize>>,
-    _open: Held,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.per_ip.remove_if_mut(&self.ip, |_, count| {
-            *count -= 1;
-            *count == 0
-        });
-    }
-}
-
-impl Connected for Counted {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
     }
 }
 

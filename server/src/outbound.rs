@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc::{self, OwnedPermit};
+use tokio::sync::mpsc::{self, OwnedPermit, error::TrySendError};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -81,10 +81,17 @@ impl<T: Send + 'static> Outbound<T> {
 
     /// Sends one event, waiting while the client is not reading (up to the stall timeout).
     pub async fn send(&self, event: T) -> Result<(), End> {
+        // The usual case, a client keeping up: the event fits at once, with no timer to
+        // arm and nothing to select over (the hot path of every delivery).
+        let event = match self.tx.try_send(Ok(event)) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(End::ClientGone),
+            Err(TrySendError::Full(event)) => event,
+        };
         tokio::select! {
             biased;
             _ = self.shutdown.cancelled() => Err(End::Shutdown),
-            sent = tokio::time::timeout(self.stall_timeout, self.tx.send(Ok(event))) => match sent {
+            sent = tokio::time::timeout(self.stall_timeout, self.tx.send(event)) => match sent {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(_)) => Err(End::ClientGone),
                 Err(_) => Err(self.stalled()),
@@ -106,6 +113,11 @@ impl<T: Send + 'static> Outbound<T> {
             }
             .into(),
         )
+    }
+
+    /// Whether a [`send`](Self::send) now would not wait.
+    pub fn has_room(&self) -> bool {
+        self.tx.capacity() > 0
     }
 
     /// Resolves when the server starts draining.

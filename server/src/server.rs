@@ -23,8 +23,9 @@ use tonic::{
 use crate::{
     auth::{AuthMode, Authenticator, JwtVerifier, Nicknames, Tokens},
     config::Config,
+    connection::Incoming,
     hub::{Hub, HubConfig},
-    limits::{Incoming, Limits},
+    limits::Limits,
     metrics::Metrics,
     service::ChatServer,
     store::{MemoryStore, SqliteStore, Store, StoreError, on_commit},
@@ -285,7 +286,6 @@ pub async fn run_with_metrics(
                 room = tracing::field::Empty,
             )
         })
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .add_service(health_service)

@@ -15,7 +15,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use confab::pb::{self, ChatRequest, ChatResponse, chat_request::Command, chat_response::Event};
-use futures::{StreamExt as _, stream};
+use futures::{FutureExt as _, StreamExt as _, stream};
 use tokio_stream::StreamMap;
 use tonic::Streaming;
 
@@ -69,28 +69,35 @@ impl Session {
     /// Runs the session until the client leaves, the connection drops or the server drains.
     pub async fn run(mut self, mut inbound: Streaming<ChatRequest>, out: Outbound<ChatResponse>) {
         let mut cursors: StreamMap<String, DeliveryStream> = StreamMap::new();
-        let end = loop {
-            // Shutdown and a vanished client come first; between the client's frames and
-            // the rooms' events the choice is fair, so a client sending a burst still
-            // receives, and a busy room does not keep a client from sending.
-            let step = tokio::select! {
-                biased;
-                _ = out.shutdown() => Err(End::Shutdown),
-                _ = out.closed() => Err(End::ClientGone),
-                step = next_step(&mut inbound, &mut cursors) => step,
-            };
-            let step = match step {
-                Err(end) => Err(end),
-                Ok(Step::Frame(frame)) => self.apply(frame, &out, &mut cursors).await,
-                Ok(Step::Deliver(room, delivery)) => {
-                    if let Delivery::Removed(removal) = &delivery {
-                        self.put_out(&room, removal, &mut cursors);
+        let end = {
+            // Made once and kept: a wait registered anew on every turn of the loop would cost
+            // two registrations and two removals per delivery.
+            let shutdown = out.shutdown();
+            let closed = out.closed();
+            tokio::pin!(shutdown, closed);
+            loop {
+                // Shutdown and a vanished client come first; between the client's frames and
+                // the rooms' events the choice is fair, so a client sending a burst still
+                // receives, and a busy room does not keep a client from sending.
+                let step = tokio::select! {
+                    biased;
+                    () = &mut shutdown => Err(End::Shutdown),
+                    () = &mut closed => Err(End::ClientGone),
+                    step = next_step(&mut inbound, &mut cursors) => step,
+                };
+                let step = match step {
+                    Err(end) => Err(end),
+                    Ok(Step::Frame(frame)) => self.apply(frame, &out, &mut cursors).await,
+                    Ok(Step::Deliver(room, delivery)) => {
+                        match self.deliver(room, delivery, &out, &mut cursors).await {
+                            Ok(()) => self.deliver_ready(&out, &mut cursors).await,
+                            Err(end) => Err(end),
+                        }
                     }
-                    out.send(push(chat_event(&room, delivery))).await
+                };
+                if let Err(end) = step {
+                    break end;
                 }
-            };
-            if let Err(end) = step {
-                break end;
             }
         };
         tracing::debug!(?end, "chat stream ended");
@@ -99,6 +106,44 @@ impl Session {
         drop(cursors);
         self.rooms.clear();
         out.finish(end, || push(Event::Reconnect(reconnect_notice())));
+    }
+
+    /// Sends one room event to the client (leaving the room first if it is a removal).
+    async fn deliver(
+        &mut self,
+        room: String,
+        delivery: Delivery,
+        out: &Outbound<ChatResponse>,
+        cursors: &mut StreamMap<String, DeliveryStream>,
+    ) -> Result<(), End> {
+        if let Delivery::Removed(removal) = &delivery {
+            self.put_out(&room, removal, cursors);
+        }
+        out.send(push(chat_event(&room, delivery))).await
+    }
+
+    /// Sends whatever else the rooms have ready, while the client's stream has room, up to
+    /// a batch: one wake-up of this task then carries many deliveries (and tonic encodes
+    /// them into one write), instead of one trip through the main loop each. The batch
+    /// bound keeps the client's own frames from waiting behind a busy room.
+    async fn deliver_ready(
+        &mut self,
+        out: &Outbound<ChatResponse>,
+        cursors: &mut StreamMap<String, DeliveryStream>,
+    ) -> Result<(), End> {
+        for _ in 0..DELIVERY_BATCH {
+            if !out.has_room() {
+                break;
+            }
+            match cursors.next().now_or_never() {
+                Some(Some((room, Ok(delivery)))) => {
+                    self.deliver(room, delivery, out, cursors).await?
+                }
+                Some(Some((_, Err(error)))) => return Err(End::Failed(error.into())),
+                Some(None) | None => break,
+            }
+        }
+        Ok(())
     }
 
     /// Applies one client frame and sends its reply.
@@ -304,6 +349,9 @@ impl Session {
         ))
     }
 }
+
+/// Most room events sent per wake-up before the session looks at the client's frames again.
+const DELIVERY_BATCH: usize = 32;
 
 /// What the session does next.
 enum Step {

@@ -14,14 +14,7 @@
 mod process;
 mod wire;
 
-use std::{
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -32,7 +25,7 @@ use hdrhistogram::Histogram;
 use prost::Message as _;
 use serde::Serialize;
 use tokio::{
-    sync::mpsc,
+    sync::{mpsc, watch},
     time::{Instant, MissedTickBehavior},
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -328,10 +321,13 @@ struct Seen {
     latency: Histogram<u64>,
     delivered: u64,
     out_of_order: u64,
+    /// The number of the last message received.
+    previous: Option<u64>,
 }
 
-/// Per room: the number of the last message sent in the window, once publishing is over.
-type Last = Arc<AtomicU64>;
+/// Per room: the number of the last message sent in the window, once publishing is over
+/// (0: none was).
+type Last = Arc<watch::Sender<Option<u64>>>;
 
 async fn load(
     plan: &Plan,
@@ -347,17 +343,17 @@ async fn load(
     let lasts: Vec<Last> = plan
         .rooms
         .iter()
-        .map(|_| Arc::new(AtomicU64::new(u64::MAX)))
+        .map(|_| Arc::new(watch::channel(None).0))
         .collect();
     // The window is known only once everything is set up; subscribers learn it by watch.
-    let (window_tx, window_rx) = tokio::sync::watch::channel(None::<Window>);
+    let (window_tx, window_rx) = watch::channel(None::<Window>);
 
     let readers = stream::iter(0..subscribers)
         .map(|i| {
             let room_index = i % plan.rooms.len();
             let connection = connections[i % connections.len()].clone();
             let room = plan.rooms[room_index].clone();
-            let last = lasts[room_index].clone();
+            let last = lasts[room_index].subscribe();
             let window = window_rx.clone();
             async move {
                 let mut responses = connection
@@ -495,53 +491,59 @@ async fn open_connections(
 /// room's last one arrived (or the drain time is up).
 async fn read(
     mut responses: tonic::Streaming<Bytes>,
-    mut window: tokio::sync::watch::Receiver<Option<Window>>,
-    last: Last,
+    mut window: watch::Receiver<Option<Window>>,
+    mut last: watch::Receiver<Option<u64>>,
 ) -> Seen {
     let mut seen = Seen {
         latency: histogram(),
         delivered: 0,
         out_of_order: 0,
+        previous: None,
     };
     let window = match window.wait_for(Option::is_some).await {
         Ok(window) => window.expect("waited for it"),
         Err(_) => return seen,
     };
-    let mut previous: Option<u64> = None;
-    let mut deadline: Option<Instant> = None;
-    loop {
-        let finished = last.load(Ordering::Acquire);
-        if previous.is_some_and(|p| finished != u64::MAX && p >= finished) || (finished == 0) {
-            return seen;
-        }
-        if finished != u64::MAX && deadline.is_none() {
-            deadline = Some(Instant::now() + DRAIN);
-        }
-        let next = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, responses.message()).await {
-                Ok(next) => next,
-                Err(_) => return seen,
+    // While publishing is on: every frame as it comes (no timer per frame).
+    let finished = loop {
+        tokio::select! {
+            biased;
+            next = responses.message() => match next {
+                Ok(Some(frame)) => seen.frame(&frame, window),
+                _ => return seen,
             },
-            // Publishing is still on: look at `last` again now and then.
-            None => {
-                match tokio::time::timeout(Duration::from_millis(200), responses.message()).await {
-                    Ok(next) => next,
-                    Err(_) => continue,
-                }
-            }
-        };
-        let Ok(Some(frame)) = next else { return seen };
-        let Some((intended, number)) = wire::stamp(&frame) else {
-            continue;
-        };
-        if previous.is_some_and(|p| number <= p) {
-            seen.out_of_order += 1;
+            changed = last.changed() => match (changed, *last.borrow()) {
+                (Ok(()), Some(finished)) => break finished,
+                (Ok(()), None) => {}
+                (Err(_), _) => return seen,
+            },
         }
-        previous = Some(number);
+    };
+    // Then until the room's last message arrived, or the drain time is up.
+    let deadline = Instant::now() + DRAIN;
+    while seen.previous.is_none_or(|p| p < finished) && finished > 0 {
+        match tokio::time::timeout_at(deadline, responses.message()).await {
+            Ok(Ok(Some(frame))) => seen.frame(&frame, window),
+            _ => break,
+        }
+    }
+    seen
+}
+
+impl Seen {
+    /// Counts and times one frame, if it is a marked message.
+    fn frame(&mut self, frame: &[u8], window: Window) {
+        let Some((intended, number)) = wire::stamp(frame) else {
+            return;
+        };
+        if self.previous.is_some_and(|p| number <= p) {
+            self.out_of_order += 1;
+        }
+        self.previous = Some(number);
         if (window.from..window.to).contains(&intended) {
-            seen.delivered += 1;
+            self.delivered += 1;
             let latency = wire::now_micros().saturating_sub(intended).max(1);
-            seen.latency.saturating_record(latency);
+            self.latency.saturating_record(latency);
         }
     }
 }
@@ -623,11 +625,9 @@ impl Publisher {
         let rooms = self.rooms.len() as u64;
         loop {
             let now = tick.tick().await;
-            let due = if now >= end {
-                (end - start).as_secs_f64() * rate
-            } else {
-                (now - start).as_secs_f64() * rate
-            } as u64;
+            // Message n is due at `start + n / rate`: by now, all up to floor(elapsed · rate).
+            let total = ((end - start).as_secs_f64() * rate) as u64;
+            let due = (((now - start).as_secs_f64() * rate) as u64 + 1).min(total);
             while sent < due {
                 let n = sent;
                 let intended = start_micros + (n as f64 * 1e6 / rate) as u64;
@@ -648,7 +648,7 @@ impl Publisher {
             }
         }
         for ((_, last), number) in self.rooms.iter().zip(last_in_window) {
-            last.store(number, Ordering::Release);
+            last.send_replace(Some(number));
         }
         // Let the acks of the last messages come back, then close the stream.
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -67,8 +67,12 @@ pub struct Connection {
 impl Connection {
     /// Connects to `url` and logs in as `nickname`.
     pub async fn open(url: &str, nickname: &str) -> anyhow::Result<Self> {
+        // Windows large enough that flow control never waits on this process's reading
+        // pace: what is measured is the server.
         let channel = Channel::from_shared(url.to_owned())?
             .tcp_nodelay(true)
+            .initial_connection_window_size(16 << 20)
+            .initial_stream_window_size(4 << 20)
             .connect()
             .await
             .with_context(|| format!("cannot connect to {url}"))?;

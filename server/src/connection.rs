@@ -1,0 +1,223 @@
+//! Accepted connections: [`Incoming`] counts them per address (closing those over the
+//! limit before any TLS or HTTP/2 work is done for them), and each [`Counted`] connection
+//! gives its count back when it closes and coalesces its small writes.
+
+use std::{
+    net::IpAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use dashmap::DashMap;
+use futures::Stream;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::metrics::{Held, Limit, Metrics};
+
+/// Accepted connections, counted per IP address: the ones over the limit are closed.
+pub struct Incoming<S> {
+    listener: S,
+    per_ip: Arc<DashMap<IpAddr, usize>>,
+    max_per_ip: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Incoming<S> {
+    /// Counts the connections `listener` accepts.
+    pub fn new(listener: S, max_per_ip: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            listener,
+            per_ip: Arc::new(DashMap::new()),
+            max_per_ip,
+            metrics,
+        }
+    }
+}
+
+impl<S> Stream for Incoming<S>
+where
+    S: Stream<Item = std::io::Result<TcpStream>> + Unpin,
+{
+    type Item = std::io::Result<Counted>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            let stream = match Pin::new(&mut self.listener).poll_next(cx) {
+                Poll::Ready(Some(Ok(stream))) => stream,
+                Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            self.metrics.connections_accepted.inc();
+            // The builder's `tcp_nodelay` covers only listeners it binds itself. Without
+            // this, Nagle holds a small event back until the previous one is acked, and
+            // with delayed ACKs that is up to 40 ms.
+            let _ = stream.set_nodelay(true);
+            // A connection reset before it was accepted has no peer left: nothing to serve.
+            let Ok(peer) = stream.peer_addr() else {
+                continue;
+            };
+            let ip = peer.ip();
+            {
+                let mut count = self.per_ip.entry(ip).or_insert(0);
+                if *count >= self.max_per_ip {
+                    drop(count);
+                    self.metrics.limited(Limit::ConnectionsPerIp);
+                    tracing::warn!(%ip, limit = self.max_per_ip, "too many connections; closing one");
+                    continue; // dropping the stream closes it
+                }
+                *count += 1;
+            }
+            return Poll::Ready(Some(Ok(Counted {
+                stream,
+                ip,
+                per_ip: self.per_ip.clone(),
+                _open: Held::new(&self.metrics.connections),
+                pending: Vec::new(),
+                deferred: false,
+            })));
+        }
+    }
+}
+
+/// An accepted connection: counted until it closes, its small writes coalesced.
+///
+/// HTTP/2 writes each time its connection task runs: with one task per stream feeding it,
+/// a message fanned out to the 20 streams of one connection could make 20 small writes,
+/// each a system call and a TCP segment (with `TCP_NODELAY`, which a chat server needs:
+/// Nagle's algorithm would hold a lone message back up to a delayed-ACK timeout). So small
+/// writes are gathered here, and a flush waits one turn of the scheduler before it writes
+/// them: the other streams woken by the same message run in that turn and add theirs, and
+/// the connection writes once. Under load the batches grow by themselves; an idle
+/// connection's lone event goes out after one turn, microseconds later, with no timer.
+pub struct Counted {
+    stream: TcpStream,
+    ip: IpAddr,
+    per_ip: Arc<DashMap<IpAddr, usize>>,
+    _open: Held,
+    /// Bytes accepted and not yet written.
+    pending: Vec<u8>,
+    /// Whether the current flush has already let the scheduler run once.
+    deferred: bool,
+}
+
+/// Writes at least this big bypass the gathering buffer (when it is empty).
+const DIRECT_WRITE: usize = 16 * 1024;
+/// The most bytes gathered before they are written regardless.
+const GATHER_LIMIT: usize = 64 * 1024;
+
+impl Counted {
+    /// Writes out everything gathered; `Pending` while the socket is full.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut written = 0;
+        while written < self.pending.len() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.pending[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {
+                    self.pending.drain(..written);
+                    return Poll::Pending;
+                }
+            }
+        }
+        self.pending.clear();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.per_ip.remove_if_mut(&self.ip, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
+    }
+}
+
+impl Connected for Counted {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.pending.is_empty() && buf.len() >= DIRECT_WRITE {
+            return Pin::new(&mut self.stream).poll_write(cx, buf);
+        }
+        if self.pending.len() + buf.len() > GATHER_LIMIT {
+            std::task::ready!(self.poll_drain(cx))?;
+            if buf.len() >= DIRECT_WRITE {
+                return Pin::new(&mut self.stream).poll_write(cx, buf);
+            }
+        }
+        self.pending.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
+        if self.pending.is_empty() && len >= DIRECT_WRITE {
+            return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        }
+        if self.pending.len() + len > GATHER_LIMIT {
+            std::task::ready!(self.poll_drain(cx))?;
+            if len >= DIRECT_WRITE {
+                return Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+            }
+        }
+        for buf in bufs {
+            self.pending.extend_from_slice(buf);
+        }
+        Poll::Ready(Ok(len))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.pending.is_empty() && !self.deferred {
+            // Let the other tasks of this turn add their bytes first.
+            self.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        std::task::ready!(self.poll_drain(cx))?;
+        self.deferred = false;
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        std::task::ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
