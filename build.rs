@@ -5,6 +5,7 @@
 //!    `confab::ChatMessage` (an `Arc` that encodes once; see `src/message.rs`);
 //! 2. `message.proto` alone, giving the plain record that `confab::ChatMessage` wraps.
 //!
+//! The service and client use `crate::codec::ChatCodec` (prost with smaller buffers).
 //! The full descriptor set is also written out for the reflection service.
 
 use std::{env, fs, path::PathBuf};
@@ -21,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::write(out.join("chat_v1_descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure()
+        .codec_path("crate::codec::ChatCodec")
         .extern_path(".chat.v1.ChatMessage", "crate::message::ChatMessage")
         .extern_path(".chat.v1.MessageKind", "crate::message::MessageKind")
         .compile_fds(fds.clone())?;

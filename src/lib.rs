@@ -16,6 +16,7 @@
 //! the service in `proto/chat/v1/chat.proto`.
 
 pub mod client;
+pub mod codec;
 pub mod conversation;
 mod message;
 

@@ -108,6 +108,9 @@ enum Scenario {
         /// Connections.
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+        /// Only connect and log in: no Chat stream (to tell the two costs apart).
+        #[arg(long)]
+        without_stream: bool,
     },
     /// Fan-out with one subscriber that never reads, against the same run without it.
     SlowReader(Fanout),
@@ -268,7 +271,10 @@ async fn run(scenario: &Scenario, common: &Common, target: &Target) -> anyhow::R
             Ok(report)
         }
         Scenario::Pingpong { payload } => pingpong(*payload, common, target).await,
-        Scenario::Idle { connections } => idle(*connections, target).await,
+        Scenario::Idle {
+            connections,
+            without_stream,
+        } => idle(*connections, !*without_stream, target).await,
         Scenario::SlowReader(fanout) => {
             let baseline = load(&Plan::fanout("steady", fanout), common, target, false).await?;
             let mut report = load(&Plan::fanout("stalled", fanout), common, target, true).await?;
@@ -724,19 +730,22 @@ async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyhow::R
 }
 
 /// `connections` idle connections, each with a Chat stream that answered a ping.
-async fn idle(connections: usize, target: &Target) -> anyhow::Result<Report> {
+async fn idle(connections: usize, with_stream: bool, target: &Target) -> anyhow::Result<Report> {
     let before = target.usage();
     let open = stream::iter(0..connections)
         .map(|n| {
             let url = target.url.clone();
             async move {
                 let connection = Connection::open(&url, &format!("idle{n}")).await?;
+                if !with_stream {
+                    return anyhow::Ok((connection, None));
+                }
                 let ping = wire::frame(1, Command::Ping(pb::Ping::default()));
                 let mut responses = connection
                     .chat(stream::once(async move { ping }).chain(stream::pending()))
                     .await?;
                 responses.message().await?.context("the pong")?;
-                anyhow::Ok((connection, responses))
+                anyhow::Ok((connection, Some(responses)))
             }
         })
         .buffer_unordered(SETUP_CONCURRENCY)

@@ -1,0 +1,49 @@
+//! [`ChatCodec`]: the codec of the generated client and server. It is prost's own, with
+//! smaller starting buffers.
+//!
+//! Every open stream holds a codec buffer in each direction. tonic starts them at 8 KiB,
+//! which for a chat server holding thousands of mostly quiet streams is most of what an
+//! idle client costs; chat frames are a few hundred bytes. These start at 1 KiB and grow
+//! as a burst needs (the yield threshold, how much one write may gather, stays 32 KiB).
+//! The encoding itself is unchanged: a `ChatMessage` still writes its cached bytes.
+
+use std::marker::PhantomData;
+
+use prost::Message;
+use tonic::codec::{BufferSettings, Codec};
+use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+/// The starting size of each stream's encode and decode buffer.
+const BUFFER_SIZE: usize = 1024;
+/// How much one encoded chunk may gather before it is handed to HTTP/2 (tonic's default).
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// prost encoding with small starting buffers; named by `build.rs` as the codec of every
+/// generated service and client.
+#[derive(Debug)]
+pub struct ChatCodec<T, U>(PhantomData<fn() -> (T, U)>);
+
+impl<T, U> Default for ChatCodec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> Codec for ChatCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+    }
+}
