@@ -12,11 +12,11 @@
 //! client slows nobody but itself. When the loop ends, the session is dropped, and with it
 //! every cursor and [`Presence`]: the user leaves each room and the others see it at once.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use confab::pb::{self, ChatRequest, ChatResponse, chat_request::Command, chat_response::Event};
-use futures::{FutureExt as _, Stream, StreamExt as _, stream, stream::SelectAll};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use futures::{FutureExt as _, StreamExt as _, stream};
+use tokio_stream::StreamMap;
 use tonic::Streaming;
 
 use crate::{
@@ -68,7 +68,7 @@ impl Session {
 
     /// Runs the session until the client leaves, the connection drops or the server drains.
     pub async fn run(mut self, mut inbound: Streaming<ChatRequest>, out: Outbound<ChatResponse>) {
-        let mut cursors = Cursors::default();
+        let mut cursors: StreamMap<String, DeliveryStream> = StreamMap::new();
         let end = {
             // Made once and kept: a wait registered anew on every turn of the loop would cost
             // two registrations and two removals per delivery.
@@ -111,10 +111,10 @@ impl Session {
     /// Sends one room event to the client (leaving the room first if it is a removal).
     async fn deliver(
         &mut self,
-        room: Arc<str>,
+        room: String,
         delivery: Delivery,
         out: &Outbound<ChatResponse>,
-        cursors: &mut Cursors,
+        cursors: &mut StreamMap<String, DeliveryStream>,
     ) -> Result<(), End> {
         if let Delivery::Removed(removal) = &delivery {
             self.put_out(&room, removal, cursors);
@@ -129,7 +129,7 @@ impl Session {
     async fn deliver_ready(
         &mut self,
         out: &Outbound<ChatResponse>,
-        cursors: &mut Cursors,
+        cursors: &mut StreamMap<String, DeliveryStream>,
     ) -> Result<(), End> {
         for _ in 0..DELIVERY_BATCH {
             if !out.has_room() {
@@ -151,7 +151,7 @@ impl Session {
         &mut self,
         frame: ChatRequest,
         out: &Outbound<ChatResponse>,
-        cursors: &mut Cursors,
+        cursors: &mut StreamMap<String, DeliveryStream>,
     ) -> Result<(), End> {
         let request_id = frame.request_id;
         if let Some(command) = &frame.command
@@ -253,7 +253,11 @@ impl Session {
         Ok((joined, join.room, Box::pin(deliveries)))
     }
 
-    fn leave(&mut self, room: &str, cursors: &mut Cursors) -> Result<String, ChatError> {
+    fn leave(
+        &mut self,
+        room: &str,
+        cursors: &mut StreamMap<String, DeliveryStream>,
+    ) -> Result<String, ChatError> {
         self.joined("room", room)?;
         cursors.remove(room);
         self.rooms.remove(room);
@@ -320,7 +324,12 @@ impl Session {
     }
 
     /// Leaves `room` because its owner put this user out.
-    fn put_out(&mut self, room: &str, removal: &Removal, cursors: &mut Cursors) {
+    fn put_out(
+        &mut self,
+        room: &str,
+        removal: &Removal,
+        cursors: &mut StreamMap<String, DeliveryStream>,
+    ) {
         tracing::info!(room, by = %removal.by, reason = ?removal.reason, "put out of a room");
         cursors.remove(room);
         self.rooms.remove(room);
@@ -344,57 +353,19 @@ impl Session {
 /// Most room events sent per wake-up before the session looks at the client's frames again.
 const DELIVERY_BATCH: usize = 32;
 
-/// The joined rooms' event streams, each tagged with its room. A `SelectAll` polls only
-/// the streams that were woken, so a user in 64 rooms pays for the room with news, not
-/// for all 64 (as a `StreamMap`, which polls every stream, would). Leaving a room drops
-/// its guard, which ends its stream before it yields anything more.
-#[derive(Default)]
-pub struct Cursors {
-    streams: SelectAll<Pin<Box<dyn Stream<Item = (Arc<str>, Result<Delivery, ChatError>)> + Send>>>,
-    stops: HashMap<String, DropGuard>,
-}
-
-impl Cursors {
-    /// Adds `room`'s stream (ending the one it had, if any).
-    fn insert(&mut self, room: String, deliveries: DeliveryStream) {
-        let stop = CancellationToken::new();
-        let tag: Arc<str> = room.as_str().into();
-        let tagged = deliveries
-            .take_until(stop.clone().cancelled_owned())
-            .map(move |delivery| (tag.clone(), delivery));
-        self.streams.push(Box::pin(tagged));
-        self.stops.insert(room, stop.drop_guard());
-    }
-
-    /// Ends `room`'s stream.
-    fn remove(&mut self, room: &str) {
-        self.stops.remove(room);
-    }
-
-    fn is_empty(&self) -> bool {
-        self.streams.is_empty()
-    }
-
-    fn next(
-        &mut self,
-    ) -> stream::Next<'_, impl Stream<Item = (Arc<str>, Result<Delivery, ChatError>)> + Unpin> {
-        self.streams.next()
-    }
-}
-
 /// What the session does next.
 enum Step {
     /// Apply a client frame.
     Frame(ChatRequest),
     /// Send a room's event.
-    Deliver(Arc<str>, Delivery),
+    Deliver(String, Delivery),
 }
 
 /// Waits for the next frame or room event, whichever comes first (fairly, when both are
 /// ready); the stream's end or failure ends the session.
 async fn next_step(
     inbound: &mut Streaming<ChatRequest>,
-    cursors: &mut Cursors,
+    cursors: &mut StreamMap<String, DeliveryStream>,
 ) -> Result<Step, End> {
     tokio::select! {
         frame = inbound.message() => match frame {
