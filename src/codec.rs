@@ -1,5 +1,6 @@
 //! [`ChatCodec`]: the codec of the generated client and server. It is prost's own, with
-//! smaller starting buffers.
+//! smaller starting buffers. [`RawCodec`]: frames as bytes, for tools that must send or
+//! read what the generated types would not (the load generator, the hostile-input tests).
 //!
 //! Every open stream holds a codec buffer in each direction. tonic starts them at 8 KiB,
 //! which for a chat server holding thousands of mostly quiet streams is most of what an
@@ -9,8 +10,12 @@
 
 use std::marker::PhantomData;
 
+use bytes::{Buf as _, BufMut as _, Bytes};
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec};
+use tonic::{
+    Status,
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// The starting size of each stream's encode and decode buffer.
@@ -45,5 +50,44 @@ where
 
     fn decoder(&mut self) -> Self::Decoder {
         ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+    }
+}
+
+/// A codec of raw frames: the bytes given are the message sent; each message received
+/// comes back as its bytes, undecoded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
     }
 }

@@ -16,51 +16,15 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf as _, BufMut as _, Bytes};
+use bytes::Bytes;
 use common::{Events, client_at, metric, metrics_until, scrape, within};
-use confab::pb::{PresenceKind, chat_response::Event};
+use confab::{
+    codec::RawCodec,
+    pb::{PresenceKind, chat_response::Event},
+};
 use process::ServerProcess;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, task::JoinSet};
-use tonic::{
-    Code, Request, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    transport::Channel,
-};
-
-/// A codec that sends whatever bytes it is given and returns whatever bytes come back,
-/// so a test can put anything in a gRPC frame.
-#[derive(Debug, Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
+use tonic::{Code, Request, Status, transport::Channel};
 
 /// Calls unary `method` with `body` as the request message, as `token`'s user.
 async fn raw_call(channel: &Channel, token: &str, method: &'static str, body: Vec<u8>) -> Status {
@@ -72,7 +36,7 @@ async fn raw_call(channel: &Channel, token: &str, method: &'static str, body: Ve
         format!("Bearer {token}").parse().expect("ascii"),
     );
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
-    match grpc.unary(request, path, Raw).await {
+    match grpc.unary(request, path, RawCodec).await {
         Ok(reply) => panic!("{method} accepted a hostile frame: {:?}", reply.get_ref()),
         Err(status) => status,
     }

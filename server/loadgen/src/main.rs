@@ -164,6 +164,15 @@ struct Report {
 }
 
 impl Report {
+    /// The report with its latency figures taken from `latency`.
+    fn with_latency(mut self, latency: &Histogram<u64>) -> Self {
+        self.p50_us = latency.value_at_quantile(0.5);
+        self.p99_us = latency.value_at_quantile(0.99);
+        self.p999_us = latency.value_at_quantile(0.999);
+        self.max_us = latency.max();
+        self
+    }
+
     fn failed(&self) -> bool {
         self.lost > 0 || self.out_of_order > 0 || self.errors > 0
     }
@@ -453,10 +462,6 @@ async fn load(
         expected,
         delivered,
         delivered_per_sec: delivered as f64 / common.duration.as_secs_f64(),
-        p50_us: latency.value_at_quantile(0.5),
-        p99_us: latency.value_at_quantile(0.99),
-        p999_us: latency.value_at_quantile(0.999),
-        max_us: latency.max(),
         lost: expected.saturating_sub(delivered),
         out_of_order,
         errors,
@@ -464,7 +469,8 @@ async fn load(
         server_cpu_s: round2(after.cpu_s - before.cpu_s),
         stalled_rss_growth_bytes: stalled.then(|| after.rss_bytes as i64 - before.rss_bytes as i64),
         ..Report::default()
-    })
+    }
+    .with_latency(&latency))
 }
 
 fn round2(x: f64) -> f64 {
@@ -719,14 +725,11 @@ async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyhow::R
         expected: delivered,
         delivered,
         delivered_per_sec: delivered as f64 / common.duration.as_secs_f64(),
-        p50_us: latency.value_at_quantile(0.5),
-        p99_us: latency.value_at_quantile(0.99),
-        p999_us: latency.value_at_quantile(0.999),
-        max_us: latency.max(),
         server_rss_bytes: after.rss_bytes,
         server_cpu_s: round2(after.cpu_s - before.unwrap_or(after).cpu_s),
         ..Report::default()
-    })
+    }
+    .with_latency(&latency))
 }
 
 /// `connections` idle connections, each with a Chat stream that answered a ping.

@@ -1,7 +1,7 @@
 //! Talking to the server cheaply enough that the load generator is not what is measured.
 //!
 //! Publishers encode their frames with the generated types. Subscribers never decode a
-//! response: a [`Raw`] codec hands each frame over as bytes, and [`stamp`] finds the
+//! response: `confab::codec::RawCodec` hands each frame over as bytes, and [`stamp`] finds the
 //! payload's marker (`@` + 16 digits of the intended send time in µs since the epoch + 10
 //! digits of the message's number + `@`) in them. Everything else on the stream (joined,
 //! presence, acks) has no marker and is skipped.
@@ -9,53 +9,17 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use bytes::{Buf as _, BufMut as _, Bytes};
-use confab::pb::{self, chat_request::Command};
+use bytes::Bytes;
+use confab::{
+    codec::RawCodec,
+    pb::{self, chat_request::Command},
+};
 use futures::Stream;
 use prost::Message as _;
-use tonic::{
-    Request, Status, Streaming,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    metadata::AsciiMetadataValue,
-    transport::Channel,
-};
+use tonic::{Request, Streaming, metadata::AsciiMetadataValue, transport::Channel};
 
 /// The payload marker's length: `@`, 16 + 10 digits, `@`.
 pub const MARKER_LEN: usize = 28;
-
-/// A codec of raw frames: bytes in, bytes out.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
 
 /// One HTTP/2 connection, logged in as its own user.
 #[derive(Clone)]
@@ -98,7 +62,7 @@ impl Connection {
             .insert("authorization", self.authorization.clone());
         let path =
             tonic::codegen::http::uri::PathAndQuery::from_static("/chat.v1.ChatService/Chat");
-        Ok(grpc.streaming(request, path, Raw).await?.into_inner())
+        Ok(grpc.streaming(request, path, RawCodec).await?.into_inner())
     }
 }
 
