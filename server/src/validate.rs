@@ -129,15 +129,24 @@ pub struct Outgoing {
     pub kind: MessageKind,
 }
 
+/// Checks every field of an `OutgoingMessage` (violations are named relative to it) and
+/// returns its kind.
+fn check_outgoing(
+    message: &pb::OutgoingMessage,
+    max_text_bytes: usize,
+) -> Result<MessageKind, Violation> {
+    room_name("room", &message.room)?;
+    text("text", &message.text, max_text_bytes)?;
+    client_msg_id("client_msg_id", &message.client_msg_id)?;
+    message_kind("kind", message.kind)
+}
+
 /// Checks every field of an `OutgoingMessage`; violations are named relative to it.
 pub fn outgoing(
     message: pb::OutgoingMessage,
     max_text_bytes: usize,
 ) -> Result<Outgoing, Violation> {
-    room_name("room", &message.room)?;
-    text("text", &message.text, max_text_bytes)?;
-    client_msg_id("client_msg_id", &message.client_msg_id)?;
-    let kind = message_kind("kind", message.kind)?;
+    let kind = check_outgoing(&message, max_text_bytes)?;
     Ok(Outgoing {
         room: message.room,
         text: message.text,
@@ -153,7 +162,7 @@ pub fn command(command: &Command, max_text_bytes: usize) -> Result<(), Violation
     match command {
         Command::Join(join) => room_name("room", &join.room).map_err(|v| v.within("join")),
         Command::Leave(leave) => room_name("room", &leave.room).map_err(|v| v.within("leave")),
-        Command::Send(message) => outgoing(message.clone(), max_text_bytes)
+        Command::Send(message) => check_outgoing(message, max_text_bytes)
             .map(drop)
             .map_err(|v| v.within("send")),
         Command::Typing(typing) => room_name("room", &typing.room).map_err(|v| v.within("typing")),
