@@ -417,14 +417,21 @@ impl AuthMode {
     }
 }
 
-/// When the caller's identity-provider token expires (JWT mode only).
-#[derive(Debug, Clone, Copy)]
-pub struct Expires(pub SystemTime);
+/// The caller's verified identity-provider token and its expiry (JWT mode only), for
+/// `Login` to confirm.
+#[derive(Debug, Clone)]
+pub struct ProviderToken {
+    /// The token as presented.
+    pub token: String,
+    /// When it stops being accepted.
+    pub expires: SystemTime,
+}
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         // No token: only Login will accept the call (see `caller`).
-        let Some(value) = request.metadata().get("authorization") else {
+        // A cheap clone (shared bytes), so the request can be written to below.
+        let Some(value) = request.metadata().get("authorization").cloned() else {
             return Ok(request);
         };
         let token = value
@@ -432,10 +439,14 @@ impl Interceptor for Authenticator {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <token>`"))?;
-        let (identity, expires) = self.mode.verify(token.trim())?;
+        let token = token.trim();
+        let (identity, expires) = self.mode.verify(token)?;
         request.extensions_mut().insert(identity);
         if let Some(expires) = expires {
-            request.extensions_mut().insert(Expires(expires));
+            request.extensions_mut().insert(ProviderToken {
+                token: token.to_owned(),
+                expires,
+            });
         }
         Ok(request)
     }

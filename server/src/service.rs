@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{
-    auth::{AuthMode, Expires, Identity, Nicknames, caller},
+    auth::{AuthMode, Identity, Nicknames, ProviderToken, caller},
     cursor::{Cursor, Delivery, DeliveryStream},
     error::ChatError,
     hub::{Hub, RoomEvent},
@@ -105,20 +105,15 @@ impl ChatServer {
             )
             .into());
         }
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        let expires = request.extensions().get::<Expires>().map(|e| e.0);
+        // The interceptor verified the token and kept it for this.
+        let Some(ProviderToken { token, expires }) = request.extensions().get().cloned() else {
+            return Err(ChatError::Unauthenticated("no identity-provider token".into()).into());
+        };
         tracing::info!(nickname = %user.nickname, "login with an identity-provider token");
         Ok(Response::new(pb::LoginResponse {
             token,
             nickname: user.nickname,
-            expires_at: expires.map(Into::into),
+            expires_at: Some(expires.into()),
             limits: Some(self.hub.limits().config().advertised()),
         }))
     }
