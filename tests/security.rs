@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Events, TestServer, command_error, config, metric, metrics_until, scrape, within};
+use common::{
+    Events, TestServer, command_error, config, eventually, metric, metrics_until, scrape, within,
+};
 use confab::{
     Client, Conversation, ConversationConfig, ConversationEvent,
     pb::{self, LeaveReason, PresenceKind, chat_response::Event},
@@ -159,10 +161,8 @@ async fn streams_per_user_are_limited() {
 
     // Closing one makes room (the server notices it a moment later).
     drop(first);
-    within("a stream slot to free up", async {
-        while alice.chat().await.is_err() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("a stream slot to free up", || async {
+        alice.chat().await.ok()
     })
     .await;
     let page = scrape(server.metrics_addr).await;
@@ -246,14 +246,9 @@ async fn connections_per_address_are_limited() {
 
     drop(alice);
     drop(first);
-    within("a connection slot to free up", async {
-        loop {
-            let mut client = Client::connect(&server.url()).await.unwrap();
-            if client.login("carol").await.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("a connection slot to free up", || async {
+        let mut client = Client::connect(&server.url()).await.unwrap();
+        client.login("carol").await.ok()
     })
     .await;
     let page = scrape(server.metrics_addr).await;

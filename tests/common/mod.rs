@@ -52,6 +52,26 @@ pub fn config() -> Config {
     }
 }
 
+/// How often [`eventually`] and [`metrics_until`] look again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Tries `attempt` until it gives a value, failing the test with `what` after [`DEADLINE`]:
+/// for what the server does on its own a moment later (notice a closed stream, free a slot).
+pub async fn eventually<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> T {
+    within(what, async {
+        loop {
+            if let Some(value) = attempt().await {
+                return value;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await
+}
+
 /// A running server.
 pub struct TestServer {
     /// Where it listens.
@@ -492,6 +512,6 @@ pub async fn metrics_until(addr: SocketAddr, what: &str, done: impl Fn(&str) -> 
         if tokio::time::Instant::now() > deadline {
             panic!("timed out waiting for {what}; the last page:\n{page}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
