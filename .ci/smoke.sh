@@ -20,7 +20,9 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$addr" ] || { cat "$log"; echo "confab-server did not start"; exit 1; }
-metrics=$(grep -o 'metrics at http://[0-9.:]*' "$log" | head -n1 | cut -d/ -f3)
+# The server logs its metrics address before "listening on", its last line of start-up.
+metrics=$(grep -o 'metrics at http://[0-9.:]*' "$log" | head -n1 | cut -d/ -f3 || true)
+[ -n "$metrics" ] || { cat "$log"; echo "confab-server did not say where its metrics are"; exit 1; }
 echo "server at $addr, metrics at $metrics"
 
 expect() { # expect WHAT PATTERN TEXT
@@ -64,8 +66,12 @@ positive() { # positive WHAT SAMPLE
   v=$(value "$2"); awk -v v="$v" 'BEGIN { exit !(v > 0) }' || { echo "FAIL: $1: $2 is '$v'"; echo "$page"; exit 1; }
   echo "ok: $1 ($2 = $v)"
 }
-zero() { # zero WHAT SAMPLE
-  v=$(value "$2"); [ "$v" = 0 ] || { echo "FAIL: $1: $2 is '$v'"; echo "$page"; exit 1; }
+zero() { # zero WHAT SAMPLE: streams close a moment after their clients go, so poll
+  for _ in $(seq 1 50); do
+    v=$(value "$2"); [ "$v" = 0 ] && break
+    sleep 0.1; page=$(curl -fsS "http://$metrics/metrics")
+  done
+  [ "$v" = 0 ] || { echo "FAIL: $1: $2 is '$v'"; echo "$page"; exit 1; }
   echo "ok: $1 ($2 = $v)"
 }
 positive "connections were accepted" confab_connections_accepted_total

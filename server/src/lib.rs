@@ -42,4 +42,4 @@ pub mod store;
 pub mod validate;
 
 pub use config::{Config, LogFormat};
-pub use server::{ServerError, run, run_with_metrics};
+pub use server::{ServerError, bind_metrics, run, run_with_metrics};

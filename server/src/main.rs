@@ -24,9 +24,11 @@ async fn main() -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let metrics = confab_server::bind_metrics(&config).await?;
     let addr = listener.local_addr()?;
+    // The last line of start-up: scripts and tests wait for it.
     tracing::info!(%addr, "confab-server listening on {addr}");
-    confab_server::run(listener, config, shutdown_signal()).await?;
+    confab_server::run_with_metrics(listener, metrics, config, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -124,13 +124,22 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let metrics = match config.metrics_listen {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-            ServerError::Config(format!("cannot listen for metrics on {addr}: {e}"))
-        })?),
-        None => None,
-    };
+    let metrics = bind_metrics(&config).await?;
     run_with_metrics(listener, metrics, config, shutdown).await
+}
+
+/// Binds `--metrics-listen`, if set, and logs where metrics are served. The binary calls
+/// this before it logs its own "listening on" line, so that line means everything is up.
+pub async fn bind_metrics(config: &Config) -> Result<Option<TcpListener>, ServerError> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServerError::Config(format!("cannot listen for metrics on {addr}: {e}")))?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    tracing::info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(Some(listener))
 }
 
 /// [`run`], with the metrics endpoint on `metrics` (bound by the caller) if given.
@@ -222,9 +231,6 @@ pub async fn run_with_metrics(
     };
 
     let metrics_server = metrics_listener.map(|listener| {
-        if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "metrics at http://{addr}/metrics");
-        }
         let drained = drain.clone();
         tokio::spawn(crate::metrics::serve(
             listener,
