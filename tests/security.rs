@@ -313,6 +313,26 @@ async fn a_private_room_admits_only_its_owner_and_invited_users() {
         .await
         .unwrap_err();
     assert_eq!(subscribe.code(), Code::PermissionDenied);
+    // Nor is it listed to him: only public rooms and those that admit him are.
+    let listed = |client: &confab::Client| {
+        let mut rpc = client.rpc();
+        async move {
+            let page = rpc.list_rooms(pb::ListRoomsRequest::default()).await;
+            let rooms = page.unwrap().into_inner().rooms;
+            rooms.into_iter().map(|r| r.name).collect::<Vec<_>>()
+        }
+    };
+    alice
+        .rpc()
+        .create_room(pb::CreateRoomRequest {
+            room: "plaza".into(),
+            topic: String::new(),
+            private: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(listed(&alice).await, ["plaza", "secret"]);
+    assert_eq!(listed(&bob).await, ["plaza"]);
     // Only the owner invites.
     let id = bob_chat
         .chat
@@ -335,9 +355,39 @@ async fn a_private_room_admits_only_its_owner_and_invited_users() {
         alice_chat.reply(id).await,
         Event::ModerationDone(_)
     ));
+    assert_eq!(listed(&bob).await, ["plaza", "secret"]);
     let joined = bob_chat.join("secret", None).await;
     assert_eq!(joined.members, ["alice", "bob"]);
     assert_eq!(bob_chat.message().await.text, "for invited eyes");
+
+    // The topic is the owner's to set.
+    let id = bob_chat
+        .chat
+        .sender()
+        .set_topic("secret", "bob was here")
+        .await
+        .unwrap();
+    let (code, fields) = command_error(bob_chat.reply(id).await);
+    assert_eq!(
+        (code, fields),
+        (Code::PermissionDenied, vec!["set_topic.room".into()])
+    );
+    alice_chat
+        .chat
+        .sender()
+        .set_topic("secret", "plans")
+        .await
+        .unwrap();
+    let updated = bob_chat
+        .until("the topic", |e| {
+            matches!(e.event, Some(Event::RoomUpdated(_)))
+        })
+        .await;
+    let Some(Event::RoomUpdated(updated)) = updated.event else {
+        unreachable!()
+    };
+    assert_eq!(updated.updated_by, "alice");
+    assert_eq!(updated.room.unwrap().topic, "plans", "and not bob's");
 }
 
 #[tokio::test]
@@ -418,6 +468,17 @@ async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
     assert_eq!(
         command_error(bob_phone.reply(id).await).0,
         Code::PermissionDenied
+    );
+    // Bob is out now, so a kick has no one to put out, and says so.
+    let id = alice_chat
+        .chat
+        .sender()
+        .kick("den", "bob", "")
+        .await
+        .unwrap();
+    assert_eq!(
+        command_error(alice_chat.reply(id).await),
+        (Code::FailedPrecondition, vec!["kick.user".into()])
     );
 
     // The ban is stored: it holds after a restart.

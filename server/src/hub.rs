@@ -101,6 +101,8 @@ pub enum Moderation {
 pub struct Room {
     /// The room's name (validated; never changes).
     name: String,
+    /// Whether only the owner and invited users may enter (never changes).
+    private: bool,
     /// The fan-out ring. Every reader holds a `Receiver`: a position in it. Only
     /// committed messages are published, in seq order.
     events: broadcast::Sender<RoomEvent>,
@@ -187,6 +189,7 @@ impl Room {
         let (events, _) = broadcast::channel(ring_capacity);
         Self {
             name: record.name.clone(),
+            private: record.private,
             events,
             committed: AtomicU64::new(record.head_seq),
             state: Mutex::new(RoomState {
@@ -210,6 +213,11 @@ impl Room {
         admit(&self.state().record, user)
     }
 
+    /// Whether `user` may know of the room: a private room is known only to those it admits.
+    pub fn visible_to(&self, user: &str) -> bool {
+        !self.private || self.admit(user).is_ok()
+    }
+
     /// The owner's `action` on `target`; PERMISSION_DENIED unless `by` owns the room.
     /// Resolves once what must be kept (an invite, a ban) is stored; a kicked or banned
     /// user's streams are put out at once.
@@ -222,18 +230,9 @@ impl Room {
     ) -> Result<(), ChatError> {
         let stored = {
             let mut state = self.state();
-            let owner = state.record.created_by.to_lowercase();
-            if by.to_lowercase() != owner {
-                return Err(ChatError::denied(
-                    "room",
-                    format!(
-                        "only the room's owner ({}) may invite, kick or ban",
-                        state.record.created_by
-                    ),
-                ));
-            }
+            owner_only(&state.record, by, "invite, kick or ban")?;
             let key = target.to_lowercase();
-            if key == owner {
+            if key == state.record.created_by.to_lowercase() {
                 return Err(ChatError::invalid(
                     "user",
                     "the owner cannot be put out of their own room",
@@ -247,16 +246,27 @@ impl Room {
                     Some((pb::LeaveReason::Banned, message)),
                 ),
             };
-            if let Some((reason, message)) = removal
-                && let Some(removals) = state.removals.get(&key)
-            {
-                removals.send_replace(Some(Arc::new(Removal {
-                    reason,
-                    by: by.to_owned(),
-                    message,
-                })));
-                // Streams that join from now on get a fresh, unremoved channel.
-                state.removals.insert(key.clone(), watch::channel(None).0);
+            if let Some((reason, message)) = removal {
+                match state.removals.get(&key) {
+                    Some(removals) => {
+                        removals.send_replace(Some(Arc::new(Removal {
+                            reason,
+                            by: by.to_owned(),
+                            message,
+                        })));
+                        // Streams that join from now on get a fresh, unremoved channel.
+                        state.removals.insert(key.clone(), watch::channel(None).0);
+                    }
+                    // A ban also keeps out someone who is not here; a kick has no one
+                    // to put out, and the owner should know (a typo, or they left).
+                    None if reason == pb::LeaveReason::Kicked => {
+                        return Err(ChatError::precondition(
+                            "user",
+                            format!("{target:?} is not in room {:?}", self.name),
+                        ));
+                    }
+                    None => {}
+                }
             }
             access.map(|access| {
                 match access {
@@ -380,7 +390,8 @@ impl Room {
         })
     }
 
-    /// Sets the topic (as `user`); every reader hears of it once it is stored.
+    /// Sets the topic as `user`, who must own the room (PERMISSION_DENIED otherwise);
+    /// every reader hears of it once it is stored.
     pub async fn set_topic(
         &self,
         store: &dyn Store,
@@ -389,6 +400,7 @@ impl Room {
     ) -> Result<(), ChatError> {
         let stored = {
             let mut state = self.state();
+            owner_only(&state.record, user, "set the topic")?;
             state.record.topic = topic.to_owned();
             // Built under the lock, published by the store's callback (which must not take
             // the lock), so topic changes reach readers in the order they were made.
@@ -529,6 +541,17 @@ fn info(state: &RoomState, head_seq: u64) -> pb::RoomInfo {
         created_by: record.created_by.clone(),
         private: record.private,
     }
+}
+
+/// PERMISSION_DENIED unless `user` owns the room `record` describes.
+fn owner_only(record: &RoomRecord, user: &str, what: &str) -> Result<(), ChatError> {
+    if user.to_lowercase() == record.created_by.to_lowercase() {
+        return Ok(());
+    }
+    Err(ChatError::denied(
+        "room",
+        format!("only the room's owner ({}) may {what}", record.created_by),
+    ))
 }
 
 /// Whether `user` may be in the room `record` describes.
@@ -746,16 +769,25 @@ impl Hub {
         (room, stored)
     }
 
-    /// Up to `limit` rooms after `after` (exclusive) in name order, and whether more follow.
-    pub fn rooms_page(&self, after: Option<&str>, limit: usize) -> (Vec<Arc<Room>>, bool) {
-        let mut names: Vec<String> = self.rooms.iter().map(|r| r.key().clone()).collect();
-        names.sort_unstable();
-        let (names, more) = page(names.iter(), after, limit);
-        let rooms = names
+    /// Up to `limit` of the rooms `user` may know of ([`Room::visible_to`]) after `after`
+    /// (exclusive) in name order, and whether more follow.
+    pub fn rooms_page(
+        &self,
+        user: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<Room>>, bool) {
+        let mut rooms: Vec<Arc<Room>> = self
+            .rooms
             .iter()
-            .filter_map(|name| self.rooms.get(name).map(|r| r.clone()))
+            .filter(|room| room.visible_to(user))
+            .map(|room| room.value().clone())
             .collect();
-        (rooms, more)
+        rooms.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let start = rooms.partition_point(|room| after.is_some_and(|after| *room.name <= *after));
+        let end = rooms.len().min(start + limit);
+        let more = end < rooms.len();
+        (rooms.drain(start..end).collect(), more)
     }
 
     /// Appends `message` from `sender` to its room (which must exist); resolves once it is

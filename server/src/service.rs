@@ -169,12 +169,12 @@ impl ChatService for ChatServer {
         &self,
         request: Request<pb::ListRoomsRequest>,
     ) -> Result<Response<pb::ListRoomsResponse>, Status> {
-        caller(&request)?;
+        let user = caller(&request)?;
         let request = request.into_inner();
         let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
         let after =
             pagination::decode(&request.page_token, "rooms", "").map_err(ChatError::from)?;
-        let (rooms, more) = self.hub.rooms_page(after.as_deref(), size);
+        let (rooms, more) = self.hub.rooms_page(&user.nickname, after.as_deref(), size);
         let next_page_token = match rooms.last() {
             Some(last) if more => pagination::encode("rooms", "", last.name()),
             _ => String::new(),

@@ -11,7 +11,7 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "/leave [ROOM] — leave the current (or named) room",
     ),
     ("/me", "/me TEXT — an action: * you TEXT"),
-    ("/topic", "/topic TEXT — set the room's topic"),
+    ("/topic", "/topic TEXT — (owner) set the room's topic"),
     ("/who", "/who — who is in this room"),
     (
         "/invite",
