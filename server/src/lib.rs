@@ -29,6 +29,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod cursor;
+pub mod cursors;
 pub mod error;
 pub mod hub;
 pub mod limits;

@@ -9,14 +9,15 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use confab::pb::{self, chat_service_server::ChatService, subscribe_response};
 use futures::StreamExt as _;
-use tokio_stream::{StreamMap, wrappers::ReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{
     auth::{AuthMode, Identity, Nicknames, ProviderToken, caller},
-    cursor::{Cursor, Delivery, DeliveryStream},
+    cursor::{Cursor, Delivery},
+    cursors::Cursors,
     error::ChatError,
     hub::{Hub, RoomEvent},
     limits::StreamGuard,
@@ -397,18 +398,15 @@ impl ChatService for ChatServer {
             )
             .into());
         }
-        let mut cursors = StreamMap::new();
+        let mut cursors = Cursors::default();
         for (i, position) in request.rooms.iter().enumerate() {
             let field = format!("rooms[{i}].room");
             let room = self.readable_room(&field, &position.room, &user)?;
-            if cursors.contains_key(&position.room) {
+            if cursors.contains(&position.room) {
                 return Err(ChatError::invalid(field, "this room is named twice").into());
             }
             let cursor: Cursor = room.tail(self.hub.store().clone(), position.after_seq);
-            cursors.insert(
-                position.room.clone(),
-                Box::pin(cursor.into_stream()) as DeliveryStream,
-            );
+            cursors.insert(&position.room, cursor.into_stream());
         }
         let guard = self.hub.limits().open_stream(&user.nickname)?;
         let open = (Held::new(&self.hub.metrics().subscribe_streams), guard);
@@ -464,7 +462,7 @@ fn parse_history_position(
 /// The task behind a `Subscribe` call: messages and gaps of every tailed room, in seq
 /// order per room, pulled only as fast as the client reads them.
 async fn tail(
-    mut cursors: StreamMap<String, DeliveryStream>,
+    mut cursors: Cursors,
     out: Outbound<pb::SubscribeResponse>,
     _open: (Held, StreamGuard),
 ) {
@@ -479,7 +477,7 @@ async fn tail(
                     let event = match delivery {
                         Delivery::Event(RoomEvent::Message(message)) => Some(Event::Message(message)),
                         Delivery::Gap { from, to } => Some(Event::Gap(pb::HistoryGap {
-                            room,
+                            room: room.to_string(),
                             from_seq: from,
                             to_seq: to,
                         })),

@@ -16,12 +16,12 @@ use std::{collections::HashMap, sync::Arc};
 
 use confab::pb::{self, ChatRequest, ChatResponse, chat_request::Command, chat_response::Event};
 use futures::{FutureExt as _, StreamExt as _, stream};
-use tokio_stream::StreamMap;
 use tonic::Streaming;
 
 use crate::{
     auth::{Identity, StreamClaim},
     cursor::{Delivery, DeliveryStream},
+    cursors::Cursors,
     error::ChatError,
     hub::{Hub, Moderation, Presence, Removal, RoomEvent},
     limits::StreamGuard,
@@ -68,7 +68,7 @@ impl Session {
 
     /// Runs the session until the client leaves, the connection drops or the server drains.
     pub async fn run(mut self, mut inbound: Streaming<ChatRequest>, out: Outbound<ChatResponse>) {
-        let mut cursors: StreamMap<String, DeliveryStream> = StreamMap::new();
+        let mut cursors = Cursors::default();
         let end = {
             // Made once and kept: a wait registered anew on every turn of the loop would cost
             // two registrations and two removals per delivery.
@@ -111,10 +111,10 @@ impl Session {
     /// Sends one room event to the client (leaving the room first if it is a removal).
     async fn deliver(
         &mut self,
-        room: String,
+        room: Arc<str>,
         delivery: Delivery,
         out: &Outbound<ChatResponse>,
-        cursors: &mut StreamMap<String, DeliveryStream>,
+        cursors: &mut Cursors,
     ) -> Result<(), End> {
         if let Delivery::Removed(removal) = &delivery {
             self.put_out(&room, removal, cursors);
@@ -129,7 +129,7 @@ impl Session {
     async fn deliver_ready(
         &mut self,
         out: &Outbound<ChatResponse>,
-        cursors: &mut StreamMap<String, DeliveryStream>,
+        cursors: &mut Cursors,
     ) -> Result<(), End> {
         for _ in 0..DELIVERY_BATCH {
             if !out.has_room() {
@@ -151,7 +151,7 @@ impl Session {
         &mut self,
         frame: ChatRequest,
         out: &Outbound<ChatResponse>,
-        cursors: &mut StreamMap<String, DeliveryStream>,
+        cursors: &mut Cursors,
     ) -> Result<(), End> {
         let request_id = frame.request_id;
         if let Some(command) = &frame.command
@@ -171,7 +171,7 @@ impl Session {
                     // sees `joined` before the history that follows it.
                     out.send(reply_to(request_id, Event::Joined(joined)))
                         .await?;
-                    cursors.insert(room, stream);
+                    cursors.insert(&room, stream);
                     return Ok(());
                 }
                 Err(error) => Err(error.within("join")),
@@ -253,11 +253,7 @@ impl Session {
         Ok((joined, join.room, Box::pin(deliveries)))
     }
 
-    fn leave(
-        &mut self,
-        room: &str,
-        cursors: &mut StreamMap<String, DeliveryStream>,
-    ) -> Result<String, ChatError> {
+    fn leave(&mut self, room: &str, cursors: &mut Cursors) -> Result<String, ChatError> {
         self.joined("room", room)?;
         cursors.remove(room);
         self.rooms.remove(room);
@@ -324,12 +320,7 @@ impl Session {
     }
 
     /// Leaves `room` because its owner put this user out.
-    fn put_out(
-        &mut self,
-        room: &str,
-        removal: &Removal,
-        cursors: &mut StreamMap<String, DeliveryStream>,
-    ) {
+    fn put_out(&mut self, room: &str, removal: &Removal, cursors: &mut Cursors) {
         tracing::info!(room, by = %removal.by, reason = ?removal.reason, "put out of a room");
         cursors.remove(room);
         self.rooms.remove(room);
@@ -358,14 +349,14 @@ enum Step {
     /// Apply a client frame.
     Frame(ChatRequest),
     /// Send a room's event.
-    Deliver(String, Delivery),
+    Deliver(Arc<str>, Delivery),
 }
 
 /// Waits for the next frame or room event, whichever comes first (fairly, when both are
 /// ready); the stream's end or failure ends the session.
 async fn next_step(
     inbound: &mut Streaming<ChatRequest>,
-    cursors: &mut StreamMap<String, DeliveryStream>,
+    cursors: &mut Cursors,
 ) -> Result<Step, End> {
     tokio::select! {
         frame = inbound.message() => match frame {
