@@ -151,6 +151,9 @@ struct Report {
     errors: u64,
     server_rss_bytes: u64,
     server_cpu_s: f64,
+    /// This generator's own CPU time in the window: near the window's length, it was
+    /// saturated too, and the figures say as much about it as about the server.
+    load_cpu_s: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     connections: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -203,6 +206,11 @@ impl Target {
             .and_then(|pid| process::usage(pid).ok())
             .unwrap_or_default()
     }
+}
+
+/// This process's own usage.
+fn own_usage() -> Usage {
+    process::usage(std::process::id()).unwrap_or_default()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -433,9 +441,9 @@ async fn load(
         )));
     }
     tokio::time::sleep_until(start + common.warmup).await;
-    let before = target.usage();
+    let (before, load_before) = (target.usage(), own_usage());
     tokio::time::sleep_until(end).await;
-    let after = target.usage();
+    let (after, load_after) = (target.usage(), own_usage());
 
     let mut sent = 0;
     let mut errors = 0;
@@ -467,6 +475,7 @@ async fn load(
         errors,
         server_rss_bytes: after.rss_bytes,
         server_cpu_s: round2(after.cpu_s - before.cpu_s),
+        load_cpu_s: round2(load_after.cpu_s - load_before.cpu_s),
         stalled_rss_growth_bytes: stalled.then(|| after.rss_bytes as i64 - before.rss_bytes as i64),
         ..Report::default()
     }
@@ -711,13 +720,14 @@ async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyhow::R
         }
         if sent_at >= measure_from {
             if before.is_none() {
-                before = Some(target.usage());
+                before = Some((target.usage(), own_usage()));
             }
             latency.saturating_record(micros(sent_at.elapsed()).max(1));
             delivered += 1;
         }
     }
-    let after = target.usage();
+    let (after, load_after) = (target.usage(), own_usage());
+    let (before, load_before) = before.unwrap_or((after, load_after));
     Ok(Report {
         scenario: "pingpong".into(),
         subscribers: 1,
@@ -726,7 +736,8 @@ async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyhow::R
         delivered,
         delivered_per_sec: delivered as f64 / common.duration.as_secs_f64(),
         server_rss_bytes: after.rss_bytes,
-        server_cpu_s: round2(after.cpu_s - before.unwrap_or(after).cpu_s),
+        server_cpu_s: round2(after.cpu_s - before.cpu_s),
+        load_cpu_s: round2(load_after.cpu_s - load_before.cpu_s),
         ..Report::default()
     }
     .with_latency(&latency))
