@@ -154,18 +154,20 @@ impl Session {
         cursors: &mut Cursors,
     ) -> Result<(), End> {
         let request_id = frame.request_id;
-        if let Some(command) = &frame.command
-            && let Err(violation) = validate::command(command, self.max_text_bytes)
-        {
-            return refuse(out, request_id, ChatError::InvalidArgument(violation)).await;
-        }
-        let reply = match frame.command {
-            None => Err(ChatError::invalid(
+        let Some(command) = frame.command else {
+            let error = ChatError::invalid(
                 "command",
                 "the frame has no command: set one of join, leave, send, typing, ping, \
                  set_topic, invite, kick, ban",
-            )),
-            Some(Command::Join(join)) => match self.join(join).await {
+            );
+            return refuse(out, request_id, error).await;
+        };
+        // Every field of the command is checked here, once; the handlers below rely on it.
+        if let Err(violation) = validate::command(&command, self.max_text_bytes) {
+            return refuse(out, request_id, ChatError::InvalidArgument(violation)).await;
+        }
+        let reply = match command {
+            Command::Join(join) => match self.join(join).await {
                 Ok((joined, room, stream)) => {
                     // The reply goes out before the room's first event, so a client always
                     // sees `joined` before the history that follows it.
@@ -176,7 +178,7 @@ impl Session {
                 }
                 Err(error) => Err(error.within("join")),
             },
-            Some(Command::Leave(leave)) => self
+            Command::Leave(leave) => self
                 .leave(&leave.room, cursors)
                 .map(|room| {
                     Some(Event::Left(pb::Left {
@@ -186,36 +188,36 @@ impl Session {
                     }))
                 })
                 .map_err(|e| e.within("leave")),
-            Some(Command::Send(message)) => self
+            Command::Send(message) => self
                 .send(message)
                 .await
                 .map(|ack| Some(Event::Ack(ack)))
                 .map_err(|e| e.within("send")),
-            Some(Command::Typing(typing)) => self
+            Command::Typing(typing) => self
                 .typing(typing)
                 .map(|()| None)
                 .map_err(|e| e.within("typing")),
-            Some(Command::SetTopic(set)) => self
+            Command::SetTopic(set) => self
                 .set_topic(set)
                 .await
                 .map(|()| None)
                 .map_err(|e| e.within("set_topic")),
-            Some(Command::Invite(invite)) => self
+            Command::Invite(invite) => self
                 .moderate(&invite.room, &invite.user, "", |_| Moderation::Invite)
                 .await
                 .map(Some)
                 .map_err(|e| e.within("invite")),
-            Some(Command::Kick(kick)) => self
+            Command::Kick(kick) => self
                 .moderate(&kick.room, &kick.user, &kick.reason, Moderation::Kick)
                 .await
                 .map(Some)
                 .map_err(|e| e.within("kick")),
-            Some(Command::Ban(ban)) => self
+            Command::Ban(ban) => self
                 .moderate(&ban.room, &ban.user, &ban.reason, Moderation::Ban)
                 .await
                 .map(Some)
                 .map_err(|e| e.within("ban")),
-            Some(Command::Ping(ping)) => Ok(Some(Event::Pong(pb::Pong {
+            Command::Ping(ping) => Ok(Some(Event::Pong(pb::Pong {
                 client_time_micros: ping.client_time_micros,
                 server_time: Some(std::time::SystemTime::now().into()),
             }))),
@@ -231,7 +233,6 @@ impl Session {
         &mut self,
         join: pb::JoinRoom,
     ) -> Result<(pb::Joined, String, DeliveryStream), ChatError> {
-        validate::room_name("room", &join.room)?;
         if self.rooms.contains_key(&join.room) {
             return Err(ChatError::precondition(
                 "room",
@@ -261,8 +262,7 @@ impl Session {
     }
 
     async fn send(&mut self, message: pb::OutgoingMessage) -> Result<pb::Ack, ChatError> {
-        let message =
-            validate::outgoing(message, self.max_text_bytes).map_err(ChatError::InvalidArgument)?;
+        let message = validate::Outgoing::checked(message);
         self.joined("room", &message.room)?;
         let room = message.room.clone();
         let client_msg_id = message.client_msg_id.clone();
@@ -288,7 +288,6 @@ impl Session {
 
     async fn set_topic(&mut self, set: pb::SetTopic) -> Result<(), ChatError> {
         self.joined("room", &set.room)?;
-        validate::topic("topic", &set.topic)?;
         self.hub
             .room("room", &set.room)?
             .set_topic(self.hub.store().as_ref(), &self.user.nickname, &set.topic)
@@ -326,10 +325,9 @@ impl Session {
         self.rooms.remove(room);
     }
 
-    /// Checks that `room` is joined on this stream: INVALID_ARGUMENT for a bad name,
-    /// NOT_FOUND for no such room, FAILED_PRECONDITION for a room not joined.
+    /// Checks that `room` (a valid name) is joined on this stream: NOT_FOUND for no such
+    /// room, FAILED_PRECONDITION for a room not joined.
     fn joined(&self, field: &str, room: &str) -> Result<(), ChatError> {
-        validate::room_name(field, room)?;
         if self.rooms.contains_key(room) {
             return Ok(());
         }

@@ -129,16 +129,24 @@ pub struct Outgoing {
     pub kind: MessageKind,
 }
 
-/// Checks every field of an `OutgoingMessage` (violations are named relative to it) and
-/// returns its kind.
-fn check_outgoing(
-    message: &pb::OutgoingMessage,
-    max_text_bytes: usize,
-) -> Result<MessageKind, Violation> {
+impl Outgoing {
+    /// `message`, whose fields [`command`] (or [`outgoing`]) has checked already.
+    pub fn checked(message: pb::OutgoingMessage) -> Self {
+        Self {
+            kind: message_kind("kind", message.kind).unwrap_or(MessageKind::Text),
+            room: message.room,
+            text: message.text,
+            client_msg_id: message.client_msg_id,
+        }
+    }
+}
+
+/// Checks every field of an `OutgoingMessage` (violations are named relative to it).
+fn check_outgoing(message: &pb::OutgoingMessage, max_text_bytes: usize) -> Result<(), Violation> {
     room_name("room", &message.room)?;
     text("text", &message.text, max_text_bytes)?;
     client_msg_id("client_msg_id", &message.client_msg_id)?;
-    message_kind("kind", message.kind)
+    message_kind("kind", message.kind).map(drop)
 }
 
 /// Checks every field of an `OutgoingMessage`; violations are named relative to it.
@@ -146,25 +154,21 @@ pub fn outgoing(
     message: pb::OutgoingMessage,
     max_text_bytes: usize,
 ) -> Result<Outgoing, Violation> {
-    let kind = check_outgoing(&message, max_text_bytes)?;
-    Ok(Outgoing {
-        room: message.room,
-        text: message.text,
-        client_msg_id: message.client_msg_id,
-        kind,
-    })
+    check_outgoing(&message, max_text_bytes)?;
+    Ok(Outgoing::checked(message))
 }
 
 /// Checks the fields of one `Chat` command, named as in the frame (`send.text`,
-/// `kick.user`); the session does this before it acts on any frame. Whether the rooms
-/// exist and the user may act in them is the hub's business, not this.
+/// `kick.user`); the session does this, once, before it acts on any frame, and its
+/// handlers rely on it. Whether the rooms exist and the user may act in them is the hub's
+/// business, not this.
 pub fn command(command: &Command, max_text_bytes: usize) -> Result<(), Violation> {
     match command {
         Command::Join(join) => room_name("room", &join.room).map_err(|v| v.within("join")),
         Command::Leave(leave) => room_name("room", &leave.room).map_err(|v| v.within("leave")),
-        Command::Send(message) => check_outgoing(message, max_text_bytes)
-            .map(drop)
-            .map_err(|v| v.within("send")),
+        Command::Send(message) => {
+            check_outgoing(message, max_text_bytes).map_err(|v| v.within("send"))
+        }
         Command::Typing(typing) => room_name("room", &typing.room).map_err(|v| v.within("typing")),
         Command::SetTopic(set) => room_name("room", &set.room)
             .and_then(|()| topic("topic", &set.topic))

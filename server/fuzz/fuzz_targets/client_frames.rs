@@ -69,6 +69,9 @@ fn accepted(command: &pb::chat_request::Command) {
             room(&message.room);
             assert!(message.text.len() <= MAX_TEXT_BYTES);
             assert!(!message.client_msg_id.is_empty());
+            // The session takes an accepted send as checked (`Outgoing::checked`): it must
+            // pass the full message check too, kind included.
+            assert!(validate::outgoing(message.clone(), MAX_TEXT_BYTES).is_ok());
         }
         Command::Typing(typing) => room(&typing.room),
         Command::SetTopic(set) => {
