@@ -316,6 +316,7 @@ impl Room {
     async fn append(
         self: &Arc<Self>,
         store: &dyn Store,
+        limits: &Limits,
         sender: &str,
         message: Outgoing,
         dedupe_window: Duration,
@@ -325,7 +326,13 @@ impl Room {
             admit(&state.record, sender)?;
             let key = (sender.to_owned(), message.client_msg_id.clone());
             if let Some((seq, commit)) = state.recent.get(&key, dedupe_window) {
+                // A retry of a recent send (a client resending what it sent before a
+                // reconnect) costs no token: it stores nothing.
                 (seq, true, commit)
+            } else if let Err(refused) = limits.send(sender) {
+                // Before the store is asked about older sends: a refused flood costs no
+                // read.
+                return Err(refused);
             } else if let Some(seq) = store.find_sent(
                 &self.name,
                 sender,
@@ -799,9 +806,9 @@ impl Hub {
         message: Outgoing,
     ) -> Result<Published, ChatError> {
         let room = self.room(field, &message.room)?;
-        self.limits.send(sender)?;
         room.append(
             self.store.as_ref(),
+            &self.limits,
             sender,
             message,
             self.config.dedupe_window,
@@ -820,8 +827,12 @@ mod tests {
     use crate::{cursor::Delivery, store::MemoryStore};
 
     fn hub(ring_capacity: usize) -> Hub {
+        limited_hub(ring_capacity, crate::limits::LimitConfig::unlimited())
+    }
+
+    fn limited_hub(ring_capacity: usize, limits: crate::limits::LimitConfig) -> Hub {
         let metrics = Arc::new(Metrics::new());
-        let limits = Limits::new(crate::limits::LimitConfig::unlimited(), metrics.clone());
+        let limits = Limits::new(limits, metrics.clone());
         Hub::new(
             Arc::new(MemoryStore::new()),
             HubConfig {
@@ -848,6 +859,39 @@ mod tests {
         )
         .await
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retries_of_recent_sends_cost_no_send_token() {
+        let hub = limited_hub(
+            16,
+            crate::limits::LimitConfig {
+                send_rate: 0.001,
+                send_burst: 2,
+                ..crate::limits::LimitConfig::unlimited()
+            },
+        );
+        hub.open_room("r", "alice").await.unwrap();
+        assert_eq!(say(&hub, "r", "a").await.seq, 1);
+        for _ in 0..5 {
+            let retry = say(&hub, "r", "a").await;
+            assert_eq!((retry.seq, retry.duplicate), (1, true));
+        }
+        assert_eq!(say(&hub, "r", "b").await.seq, 2, "the burst's second token");
+        let refused = hub
+            .publish(
+                "room",
+                "alice",
+                Outgoing {
+                    room: "r".into(),
+                    text: "c".into(),
+                    client_msg_id: "id-c".into(),
+                    kind: MessageKind::Text,
+                },
+            )
+            .await;
+        assert!(matches!(refused, Err(ChatError::ResourceExhausted { .. })));
+        assert_eq!(hub.room("room", "r").unwrap().head_seq(), 2);
     }
 
     async fn next_seq(cursor: &mut Cursor) -> u64 {
