@@ -2,12 +2,18 @@
 
 mod common;
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use common::{
-    Events, Proxy, TestServer, client_at, command_error, flood_past_a_stalled_reader, within,
+    Events, Proxy, TestServer, client_at, command_error, flood, flood_past_a_stalled_reader, within,
 };
-use confab::pb::{ChatRequest, OutgoingMessage, PresenceKind, chat_response::Event};
+use confab::pb::{
+    ChatRequest, OutgoingMessage, PresenceKind, RoomPosition, SubscribeRequest,
+    chat_response::Event, subscribe_response,
+};
 use confab_server::Config;
 use tonic::Code;
 
@@ -487,4 +493,119 @@ async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
         stalled.seqs(MESSAGES as usize).await,
         (1..=MESSAGES).collect::<Vec<_>>()
     );
+}
+
+/// A stream in more rooms than `Cursors` polls directly (each room then wakes it through a
+/// waker of its own) gets every room's messages once and in order while all of them flood
+/// at once; so does a subscription to as many rooms; and the stream keeps doing so after it
+/// leaves most rooms (direct polling) and joins them again (queued polling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_in_many_rooms_gets_each_rooms_messages_once_in_order() {
+    const ROOMS: usize = 12;
+    const PER_ROOM: u64 = 100;
+    const MORE: u64 = 10;
+    let server = TestServer::start().await;
+    let reader = server.client("reader").await;
+    let mut chat = Events::open(&reader).await;
+    let rooms: Vec<String> = (0..ROOMS).map(|r| format!("room-{r}")).collect();
+    for room in &rooms {
+        chat.join(room, None).await;
+    }
+    let tailer = server.client("tailer").await;
+    let mut tail = tailer
+        .rpc()
+        .subscribe(SubscribeRequest {
+            rooms: rooms
+                .iter()
+                .map(|room| RoomPosition {
+                    room: room.clone(),
+                    after_seq: Some(0),
+                })
+                .collect(),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+
+    // Reads `n` messages and returns each room's seqs in the order they came.
+    async fn by_room(chat: &mut Events, n: u64) -> HashMap<String, Vec<u64>> {
+        let mut seqs: HashMap<String, Vec<u64>> = HashMap::new();
+        for _ in 0..n {
+            let message = chat.message().await;
+            seqs.entry(message.room.clone())
+                .or_default()
+                .push(message.seq);
+        }
+        seqs
+    }
+    let publisher = server.client("publisher").await;
+    let floods: Vec<_> = rooms
+        .iter()
+        .map(|room| flood(publisher.clone(), room, PER_ROOM))
+        .collect();
+    let seen = by_room(&mut chat, ROOMS as u64 * PER_ROOM).await;
+    let mut tailed: HashMap<String, Vec<u64>> = HashMap::new();
+    for _ in 0..ROOMS as u64 * PER_ROOM {
+        let event = within("the subscription", tail.message())
+            .await
+            .expect("subscription ok")
+            .expect("subscription open");
+        match event.event {
+            Some(subscribe_response::Event::Message(m)) => {
+                tailed.entry(m.room.clone()).or_default().push(m.seq)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for room in &rooms {
+        let all: Vec<u64> = (1..=PER_ROOM).collect();
+        assert_eq!(seen[room], all, "{room} on the chat stream");
+        assert_eq!(tailed[room], all, "{room} on the subscription");
+    }
+    for flooding in floods {
+        flooding.await.unwrap().unwrap();
+    }
+
+    // Down to three rooms: polled directly.
+    for room in &rooms[3..] {
+        let id = chat.chat.sender().leave(room).await.unwrap();
+        assert!(matches!(chat.reply(id).await, Event::Left(_)));
+    }
+    let again = server.client("again").await;
+    let floods: Vec<_> = rooms[..3]
+        .iter()
+        .map(|room| flood(again.clone(), room, MORE))
+        .collect();
+    let seen = by_room(&mut chat, 3 * MORE).await;
+    for room in &rooms[..3] {
+        assert_eq!(
+            seen[room],
+            (PER_ROOM + 1..=PER_ROOM + MORE).collect::<Vec<_>>()
+        );
+    }
+    for flooding in floods {
+        flooding.await.unwrap().unwrap();
+    }
+
+    // And back past four, resuming where the stream left each room.
+    for room in &rooms[3..] {
+        chat.join(room, Some(PER_ROOM)).await;
+    }
+    let last = server.client("last").await;
+    let floods: Vec<_> = rooms
+        .iter()
+        .map(|room| flood(last.clone(), room, MORE))
+        .collect();
+    let seen = by_room(&mut chat, ROOMS as u64 * MORE).await;
+    for (r, room) in rooms.iter().enumerate() {
+        let first = if r < 3 { PER_ROOM + MORE } else { PER_ROOM } + 1;
+        assert_eq!(
+            seen[room],
+            (first..first + MORE).collect::<Vec<_>>(),
+            "{room}"
+        );
+    }
+    for flooding in floods {
+        flooding.await.unwrap().unwrap();
+    }
 }
