@@ -576,6 +576,52 @@ mod tests {
         );
     }
 
+    #[test]
+    fn rs256_tokens_are_checked_against_the_providers_rsa_key() {
+        use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+        use rsa::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let rsa_key = |bits| rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits).unwrap();
+        let provider = rsa_key(2048);
+        let public_pem = provider
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap();
+        let verifier = JwtVerifier::public_key(public_pem.as_bytes()).unwrap();
+        let sign = |key: &rsa::RsaPrivateKey, claims: signed::Claims| {
+            let pem = key.to_pkcs8_pem(LineEnding::LF).unwrap();
+            encode(
+                &Header::new(Algorithm::RS256),
+                &claims,
+                &EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+            )
+            .unwrap()
+        };
+
+        let good = sign(&provider, signed::Claims::new("alice", now + 600, "idp"));
+        assert_eq!(verifier.verify(&good).unwrap().0.nickname, "alice");
+        let expired = sign(&provider, signed::Claims::new("alice", now - 600, "idp"));
+        assert!(verifier.verify(&expired).unwrap_err().contains("Expired"));
+        let other_key = sign(
+            &rsa_key(2048),
+            signed::Claims::new("alice", now + 600, "idp"),
+        );
+        assert!(verifier.verify(&other_key).is_err());
+        // The classic confusion: an HS256 token whose "secret" is the public key itself.
+        let confused = encode(
+            &Header::new(Algorithm::HS256),
+            &signed::Claims::new("alice", now + 600, "idp"),
+            &EncodingKey::from_secret(public_pem.as_bytes()),
+        )
+        .unwrap();
+        assert!(verifier.verify(&confused).is_err());
+        // Neither RSA nor P-256: refused when the server starts.
+        assert!(JwtVerifier::public_key(b"not a key").is_err());
+    }
+
     /// The claims a provider signs, for the tests.
     mod signed {
         #[derive(serde::Serialize)]
