@@ -9,7 +9,6 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use confab::pb::{self, chat_service_server::ChatService, subscribe_response};
 use futures::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -22,7 +21,7 @@ use crate::{
     hub::{Hub, RoomEvent},
     limits::StreamGuard,
     metrics::Held,
-    outbound::{End, Outbound, reconnect_notice},
+    outbound::{End, Events, Outbound, reconnect_notice},
     pagination,
     session::Session,
     validate,
@@ -135,8 +134,8 @@ impl ChatServer {
     }
 }
 
-type SubscribeStream = ReceiverStream<Result<pb::SubscribeResponse, Status>>;
-type ChatStream = ReceiverStream<Result<pb::ChatResponse, Status>>;
+type SubscribeStream = Events<pb::SubscribeResponse>;
+type ChatStream = Events<pb::ChatResponse>;
 
 #[tonic::async_trait]
 impl ChatService for ChatServer {
