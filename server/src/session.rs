@@ -71,20 +71,23 @@ impl Session {
     /// An `async move` block rather than an `async fn`: an `async fn` keeps its arguments
     /// twice in the task for as long as it runs (as arguments and as the locals they are
     /// moved into), 464 bytes per open stream.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would store the arguments twice"
+    )]
     pub fn run(
-        self,
-        inbound: Streaming<ChatRequest>,
+        mut self,
+        mut inbound: Streaming<ChatRequest>,
         out: Outbound<ChatResponse>,
     ) -> impl Future<Output = ()> + Send {
-        let (mut session, mut inbound) = (self, inbound);
         async move {
             let mut cursors = Cursors::default();
-            let end = session.serve(&mut inbound, &out, &mut cursors).await;
+            let end = self.serve(&mut inbound, &out, &mut cursors).await;
             tracing::debug!(?end, "chat stream ended");
             // Leave every room before the final words, so presence is prompt even when the
             // client is too stalled to take them.
             drop(cursors);
-            session.rooms.clear();
+            self.rooms.clear();
             out.finish(end, || push(Event::Reconnect(reconnect_notice())));
         }
     }
