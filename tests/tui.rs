@@ -359,6 +359,59 @@ async fn pipe_mode_sends_every_line_and_exits_when_all_are_acked() {
     let _ = follower.wait();
 }
 
+/// Runs `confab --pipe` with stdin from /dev/null against `url`, room `room`, and returns
+/// the seqs of the messages it printed; it must exit 0 by itself.
+async fn dump_with_pipe(url: &str, room: &str) -> Vec<u64> {
+    let mut dump = tokio::process::Command::new(CONFAB);
+    dump.args(["--pipe", "--server", url, "--nick", "reader", "--room", room])
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let output = within("pipe mode to print the room and exit", dump.output())
+        .await
+        .expect("run confab --pipe");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("every line is JSON"))
+        .filter(|v| v["kind"] == "message")
+        .map(|v| v["seq"].as_u64().expect("a message has a seq"))
+        .collect()
+}
+
+/// Pipe mode with stdin closed prints everything its join replays before it exits, in
+/// order and once each; the same from a restarted server reading its data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipe_mode_prints_the_history_it_joined_with() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = || Config {
+        data_dir: dir.path().to_owned(),
+        history_on_join: 1000,
+        ..common::config()
+    };
+    let server = TestServer::on("127.0.0.1:0", config()).await;
+    let writer = server.client("writer").await;
+    writer
+        .rpc()
+        .create_room(confab::pb::CreateRoomRequest {
+            room: "log".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create the room");
+    let summary = common::flood(writer, "log", 600).await.unwrap().unwrap();
+    assert_eq!(summary.into_inner().accepted, 600);
+    let all: Vec<u64> = (1..=600).collect();
+    assert_eq!(dump_with_pipe(&server.url(), "log").await, all);
+
+    server.stop().await.expect("clean stop");
+    let server = TestServer::on("127.0.0.1:0", config()).await;
+    assert_eq!(dump_with_pipe(&server.url(), "log").await, all);
+}
+
 /// `confab demo` runs a server of its own and fills the room with simulated users who
 /// chat with the person in the normal UI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! Pipe mode, for scripts, bots and demos: each line of stdin is a message to the room;
 //! every event is printed as one JSON object per line on stdout, with at least `kind`,
 //! `room`, `seq`, `from` and `text` where they apply. When stdin ends, it waits until every
-//! line is acked (or refused), then exits 0; with `--follow` it keeps printing.
+//! line is acked (or refused) and everything the join replays (up to the head seq the join
+//! reported) is printed, then exits 0; with `--follow` it keeps printing.
 
 use std::{collections::HashSet, io::Write as _};
 
@@ -19,10 +20,10 @@ pub async fn run(config: ConversationConfig, room: &str, follow: bool) -> anyhow
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut unacked: HashSet<String> = HashSet::new();
-    let mut joined = false;
+    let mut replay = Replay::default();
     let mut failures = 0usize;
     loop {
-        if !stdin_open && joined && unacked.is_empty() && !follow {
+        if !stdin_open && replay.done() && unacked.is_empty() && !follow {
             break;
         }
         tokio::select! {
@@ -42,8 +43,10 @@ pub async fn run(config: ConversationConfig, room: &str, follow: bool) -> anyhow
                             unacked.remove(&ack.client_msg_id);
                         }
                         Some(Event::Joined(j)) if j.room.as_ref().is_some_and(|r| r.name == room) => {
-                            joined = true;
+                            replay.joined(j);
                         }
+                        Some(Event::Message(m)) if m.room == room => replay.reached(m.seq),
+                        Some(Event::Gap(g)) if g.room == room => replay.reached(g.to_seq),
                         _ => {}
                     },
                     ConversationEvent::Refused { client_msg_id, .. } => {
@@ -64,6 +67,31 @@ pub async fn run(config: ConversationConfig, room: &str, follow: bool) -> anyhow
         eprintln!("confab: the server refused {failures} line(s); see the error events");
     }
     Ok(())
+}
+
+/// How far the room's replay has come: pipe mode does not end before the join's history
+/// is printed, so that a script reading a room gets all of it.
+#[derive(Debug, Default)]
+struct Replay {
+    /// The head seq the (last) join reported; `None` before the room is joined.
+    head: Option<u64>,
+    /// The last seq printed (a message, or the end of a gap).
+    reached: u64,
+}
+
+impl Replay {
+    fn joined(&mut self, joined: &pb::Joined) {
+        self.head = Some(joined.room.as_ref().map_or(0, |r| r.head_seq));
+    }
+
+    fn reached(&mut self, seq: u64) {
+        self.reached = self.reached.max(seq);
+    }
+
+    /// Joined, and everything up to the head the join reported is printed.
+    fn done(&self) -> bool {
+        self.head.is_some_and(|head| self.reached >= head)
+    }
 }
 
 /// One event as a JSON object, or `None` for events not worth a line.
