@@ -363,9 +363,11 @@ async fn pipe_mode_sends_every_line_and_exits_when_all_are_acked() {
 /// the seqs of the messages it printed; it must exit 0 by itself.
 async fn dump_with_pipe(url: &str, room: &str) -> Vec<u64> {
     let mut dump = tokio::process::Command::new(CONFAB);
-    dump.args(["--pipe", "--server", url, "--nick", "reader", "--room", room])
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    dump.args([
+        "--pipe", "--server", url, "--nick", "reader", "--room", room,
+    ])
+    .stdin(Stdio::null())
+    .kill_on_drop(true);
     let output = within("pipe mode to print the room and exit", dump.output())
         .await
         .expect("run confab --pipe");

@@ -402,8 +402,8 @@ impl AuthMode {
                 let identity = tokens.verify(token).map_err(Status::unauthenticated)?;
                 if !nicknames.admit(&identity) {
                     return Err(Status::unauthenticated(format!(
-                        "nickname {:?} now belongs to another session; log in again",
-                        identity.nickname
+                        "nickname {} now belongs to another session; log in again",
+                        crate::error::quote(&identity.nickname)
                     )));
                 }
                 Ok((identity, None))

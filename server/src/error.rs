@@ -12,6 +12,41 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::store::StoreError;
 
+/// How many bytes of a client's value an error quotes at most (escaped); the rest is cut.
+pub const QUOTE_BYTES: usize = 48;
+/// Longest message or field description an error carries, whatever it quotes: a bound on
+/// the trailers (or the error event) one bad request can cost, far below what standard
+/// clients accept by default (grpcio: 8 KiB of metadata).
+pub const MAX_ERROR_TEXT: usize = 300;
+
+/// `value` quoted for an error message, escaped like `{:?}` and cut after
+/// [`QUOTE_BYTES`] bytes (marked as cut, with its full length), so that an error never
+/// repeats more of a client's input than a person needs to recognise it.
+pub fn quote(value: &str) -> String {
+    let mut quoted = String::from('"');
+    for c in value.chars() {
+        if quoted.len() > QUOTE_BYTES {
+            return format!("{quoted}\"… (cut; {} bytes in all)", value.len());
+        }
+        quoted.extend(c.escape_debug());
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// `text` cut to at most [`MAX_ERROR_TEXT`] bytes on a character boundary, marked as cut.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT - "…".len();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// One request field that is wrong, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -44,7 +79,7 @@ pub enum ChatError {
     #[error("invalid {}: {}", .0.field, .0.description)]
     InvalidArgument(Violation),
     /// The named room does not exist: NOT_FOUND.
-    #[error("room {room:?} does not exist")]
+    #[error("room {} does not exist", quote(room))]
     RoomNotFound {
         /// The field that named it.
         field: String,
@@ -52,10 +87,10 @@ pub enum ChatError {
         room: String,
     },
     /// A room with that name exists already: ALREADY_EXISTS.
-    #[error("room {0:?} already exists")]
+    #[error("room {} already exists", quote(.0))]
     RoomExists(String),
     /// Another live session holds the nickname: ALREADY_EXISTS.
-    #[error("nickname {0:?} is in use by another session")]
+    #[error("nickname {} is in use by another session", quote(.0))]
     NicknameTaken(String),
     /// The command needs a state the session is not in (e.g. sending to a room it has not
     /// joined): FAILED_PRECONDITION, with the field that names the room.
@@ -184,13 +219,13 @@ impl ChatError {
         self.log();
         pb::CommandError {
             code: self.code() as i32,
-            message: self.to_string(),
+            message: bounded(self.to_string()),
             field_violations: self
                 .violation()
                 .into_iter()
                 .map(|v| pb::FieldViolation {
                     field: v.field,
-                    description: v.description,
+                    description: bounded(v.description),
                 })
                 .collect(),
             retry_after: self
@@ -218,11 +253,35 @@ impl From<ChatError> for Status {
         error.log();
         let mut details = ErrorDetails::new();
         if let Some(v) = error.violation() {
-            details.add_bad_request_violation(v.field, v.description);
+            details.add_bad_request_violation(v.field, bounded(v.description));
         }
         if let Some(delay) = error.retry_after() {
             details.set_retry_info(Some(delay));
         }
-        Status::with_error_details(error.code(), error.to_string(), details)
+        Status::with_error_details(error.code(), bounded(error.to_string()), details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_values_are_quoted_whole_and_long_ones_cut_with_their_length() {
+        assert_eq!(quote("lobby"), r#""lobby""#);
+        assert_eq!(quote("a\nb"), r#""a\nb""#);
+        let long = "x".repeat(60_000);
+        let quoted = quote(&long);
+        assert!(quoted.len() < QUOTE_BYTES + 40, "{quoted}");
+        assert!(quoted.ends_with("… (cut; 60000 bytes in all)"), "{quoted}");
+        // Escapes count toward the bound: control characters cannot blow it up.
+        assert!(quote(&"\u{1}".repeat(10_000)).len() < QUOTE_BYTES + 40);
+    }
+
+    #[test]
+    fn every_error_text_is_bounded_on_a_char_boundary() {
+        let text = bounded("é".repeat(1000));
+        assert!(text.len() <= MAX_ERROR_TEXT && text.ends_with('…'));
+        assert_eq!(bounded("short".into()), "short");
     }
 }

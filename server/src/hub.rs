@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::{
     cursor::Cursor,
-    error::ChatError,
+    error::{ChatError, quote},
     limits::Limits,
     metrics::Metrics,
     store::{Access, Committed, RoomRecord, Store, StoreError, on_commit},
@@ -262,7 +262,7 @@ impl Room {
                     None if reason == pb::LeaveReason::Kicked => {
                         return Err(ChatError::precondition(
                             "user",
-                            format!("{target:?} is not in room {:?}", self.name),
+                            format!("{} is not in room {}", quote(target), quote(&self.name)),
                         ));
                     }
                     None => {}
@@ -573,14 +573,14 @@ fn admit(record: &RoomRecord, user: &str) -> Result<(), ChatError> {
     match record.access.get(&key) {
         Some(Access::Banned) => Err(ChatError::denied(
             "room",
-            format!("you are banned from room {:?}", record.name),
+            format!("you are banned from room {}", quote(&record.name)),
         )),
         Some(Access::Invited) => Ok(()),
         None if record.private => Err(ChatError::denied(
             "room",
             format!(
-                "room {:?} is private; its owner must invite you",
-                record.name
+                "room {} is private; its owner must invite you",
+                quote(&record.name)
             ),
         )),
         None => Ok(()),

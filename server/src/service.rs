@@ -17,7 +17,7 @@ use crate::{
     auth::{AuthMode, Identity, Nicknames, ProviderToken, caller},
     cursor::{Cursor, Delivery},
     cursors::Cursors,
-    error::ChatError,
+    error::{ChatError, quote},
     hub::{Hub, RoomEvent},
     limits::StreamGuard,
     metrics::Held,
@@ -101,7 +101,11 @@ impl ChatServer {
         if !asked.is_empty() && !asked.eq_ignore_ascii_case(&user.nickname) {
             return Err(ChatError::denied(
                 "nickname",
-                format!("your token speaks for {:?}, not {asked:?}", user.nickname),
+                format!(
+                    "your token speaks for {}, not {}",
+                    quote(&user.nickname),
+                    quote(asked)
+                ),
             )
             .into());
         }
@@ -340,10 +344,14 @@ impl ChatService for ChatServer {
                 item = inbound.message() => item?,
             };
             let Some(item) = item else { break };
+            // Echoed in a rejection only when it could be a key: a summary never repeats
+            // more than a key's worth of a client's bytes per message.
             let client_msg_id = item
                 .message
                 .as_ref()
-                .map(|m| m.client_msg_id.clone())
+                .map(|m| &m.client_msg_id)
+                .filter(|id| id.len() <= validate::MAX_CLIENT_MSG_ID)
+                .cloned()
                 .unwrap_or_default();
             match self.publish(&user.nickname, item.message).await {
                 Ok((room, published)) => {

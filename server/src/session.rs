@@ -22,7 +22,7 @@ use crate::{
     auth::{Identity, StreamClaim},
     cursor::{Delivery, DeliveryStream},
     cursors::Cursors,
-    error::ChatError,
+    error::{ChatError, quote},
     hub::{Hub, Moderation, Presence, Removal, RoomEvent},
     limits::StreamGuard,
     metrics::Held,
@@ -261,7 +261,10 @@ impl Session {
         if self.rooms.contains_key(&join.room) {
             return Err(ChatError::precondition(
                 "room",
-                format!("room {:?} is already joined on this stream", join.room),
+                format!(
+                    "room {} is already joined on this stream",
+                    quote(&join.room)
+                ),
             ));
         }
         self.hub.limits().join(self.rooms.len())?;
@@ -359,7 +362,10 @@ impl Session {
         self.hub.room(field, room)?;
         Err(ChatError::precondition(
             field,
-            format!("room {room:?} is not joined on this stream; join it first"),
+            format!(
+                "room {} is not joined on this stream; join it first",
+                quote(room)
+            ),
         ))
     }
 }

@@ -3,7 +3,7 @@
 
 use confab::pb::{self, MessageKind, chat_request::Command};
 
-use crate::error::Violation;
+use crate::error::{Violation, quote};
 
 /// Longest room name: `[a-z0-9][a-z0-9_-]{0,63}`.
 pub const MAX_ROOM_NAME: usize = 64;
@@ -28,7 +28,8 @@ pub fn room_name(field: &str, name: &str) -> Result<(), Violation> {
         return Err(Violation::new(
             field,
             format!(
-                "{name:?} is not a room name: use 1 to {MAX_ROOM_NAME} of a-z 0-9 _ -, starting with a letter or digit"
+                "{} is not a room name: use 1 to {MAX_ROOM_NAME} of a-z 0-9 _ -, starting with a letter or digit",
+                quote(name)
             ),
         ));
     }
@@ -46,7 +47,8 @@ pub fn nickname(field: &str, nick: &str) -> Result<(), Violation> {
         return Err(Violation::new(
             field,
             format!(
-                "{nick:?} is not a nickname: use 1 to {MAX_NICKNAME} of A-Z a-z 0-9 _ . -, starting with a letter or digit"
+                "{} is not a nickname: use 1 to {MAX_NICKNAME} of A-Z a-z 0-9 _ . -, starting with a letter or digit",
+                quote(nick)
             ),
         ));
     }

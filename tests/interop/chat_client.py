@@ -132,6 +132,32 @@ def main():
                 fields += [v.field for v in bad.field_violations]
         check("its BadRequest details name the field", fields == ["message.room"], str(fields))
 
+    # A 60,000-byte value is quoted cut short, so grpcio with its default metadata limits
+    # reads the promised INVALID_ARGUMENT naming the field (not RESOURCE_EXHAUSTED).
+    huge = "x" * 60_000
+    for what, call, field in [
+        ("a huge nickname", lambda: stub.Login(
+            chat_pb2.LoginRequest(nickname=huge), timeout=DEADLINE), "nickname"),
+        ("a huge room name", lambda: stub.GetRoom(
+            chat_pb2.GetRoomRequest(room=huge), metadata=auth, timeout=DEADLINE), "room"),
+    ]:
+        try:
+            call()
+            sys.exit(f"FAIL: {what} was accepted")
+        except grpc.RpcError as error:
+            check(f"{what} is INVALID_ARGUMENT with grpcio's default limits",
+                  error.code() == grpc.StatusCode.INVALID_ARGUMENT, str(error.code()))
+            trailers = sum(len(k) + len(v) for k, v in error.trailing_metadata())
+            check(f"{what}: its trailers are under 1 KiB", trailers < 1024, str(trailers))
+            status = rpc_status.from_call(error)
+            fields = []
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    fields += [v.field for v in bad.field_violations]
+            check(f"{what}: the details name the field", fields == [field], str(fields))
+
     # Past the send rate: RESOURCE_EXHAUSTED with a RetryInfo saying when to come back.
     retry = None
     for n in range(int(login.limits.send_burst) + 5):
