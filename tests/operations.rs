@@ -8,6 +8,7 @@ mod process;
 use common::{Events, TestServer, client_at, subscribe, within};
 use confab::pb::{self, chat_response::Event, subscribe_response};
 use process::ServerProcess;
+use tokio::io::AsyncBufReadExt as _;
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -123,6 +124,60 @@ async fn the_binary_drains_and_exits_on_sigterm_and_sigint() {
         let status = server.exit_status().await;
         assert!(status.success(), "SIG{signal}: {status:?}");
     }
+}
+
+/// "listening on", the line scripts wait for, comes only once the store is open, migrated
+/// and loaded; a store that cannot open ends the process with one line saying why, and
+/// nothing ever claims to listen.
+#[tokio::test]
+async fn the_binary_announces_itself_only_once_its_store_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |data_dir: &std::path::Path| {
+        let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_confab-server"));
+        server
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .kill_on_drop(true);
+        server
+    };
+
+    let not_a_dir = dir.path().join("a-file");
+    std::fs::write(&not_a_dir, "not a data dir").unwrap();
+    let output = within("the server to give up", run(&not_a_dir).output())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("confab-server: storage: ") && last.contains("a-file"),
+        "one line that says why: {stderr}"
+    );
+    assert_eq!(stderr.matches("a-file").count(), 2, "said once: {stderr}");
+
+    // A good data dir: the store's migrations are logged before "listening on".
+    let mut child = run(&dir.path().join("data"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut before = Vec::new();
+    within("the server to listen", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("listening on") {
+                return;
+            }
+            before.push(line);
+        }
+        panic!("the server exited: {before:?}");
+    })
+    .await;
+    assert!(
+        before.iter().any(|l| l.contains("store schema migrated")),
+        "{before:?}"
+    );
 }
 
 /// Reflection v1 and v1alpha both list every service and describe the chat service, so

@@ -43,4 +43,4 @@ pub mod store;
 pub mod validate;
 
 pub use config::{Config, LogFormat};
-pub use server::{ServerError, bind_metrics, run, run_with_metrics};
+pub use server::{Ready, ServerError, bind_metrics, run, run_with_metrics};

@@ -101,20 +101,34 @@ pub struct Limits {
     metrics: Arc<Metrics>,
 }
 
+/// A limit setting that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// `--send-burst 0` would refuse every message.
+    #[error("--send-burst must be at least 1")]
+    ZeroBurst,
+    /// A send rate so high that its period is below the clock's resolution.
+    #[error("--send-rate is too high")]
+    RateTooHigh,
+    /// A negative, infinite or NaN send rate.
+    #[error("--send-rate must be a positive number, or 0 for no limit")]
+    BadRate,
+}
+
 impl Limits {
     /// Limits as `config` says, counting refusals in `metrics`.
-    pub fn new(config: LimitConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
-        let burst = NonZeroU32::new(config.send_burst).ok_or("--send-burst must be at least 1")?;
+    pub fn new(config: LimitConfig, metrics: Arc<Metrics>) -> Result<Self, LimitError> {
+        let burst = NonZeroU32::new(config.send_burst).ok_or(LimitError::ZeroBurst)?;
         let sends = if config.send_rate > 0.0 && config.send_rate.is_finite() {
             Some(
                 Quota::with_period(Duration::from_secs_f64(1.0 / config.send_rate))
-                    .ok_or("--send-rate is too high")?
+                    .ok_or(LimitError::RateTooHigh)?
                     .allow_burst(burst),
             )
         } else if config.send_rate == 0.0 {
             None
         } else {
-            return Err("--send-rate must be a positive number, or 0 for no limit".into());
+            return Err(LimitError::BadRate);
         };
         let creations = NonZeroU32::new(config.room_creation_per_minute).map(Quota::per_minute);
         Ok(Self {

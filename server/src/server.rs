@@ -43,6 +43,9 @@ pub enum ServerError {
     /// A setting is unusable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A limit setting is unusable.
+    #[error("configuration: {0}")]
+    Limits(#[from] crate::limits::LimitError),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -149,27 +152,222 @@ pub async fn run_with_metrics(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let metrics = Arc::new(Metrics::new());
-    let limits =
-        Arc::new(Limits::new(config.limits.clone(), metrics.clone()).map_err(ServerError::Config)?);
-    let store: Arc<dyn Store> = if config.in_memory {
+    Ready::open(config)?
+        .serve(listener, metrics_listener, shutdown)
+        .await
+}
+
+/// A server whose storage is open and loaded and whose settings are checked: what is left
+/// is to serve. The binary announces "listening on" only once it has one, so that the line
+/// scripts wait for means the server can answer.
+pub struct Ready {
+    /// The settings.
+    config: Config,
+    /// Shared figures.
+    metrics: Arc<Metrics>,
+    /// Rate limits and counts.
+    limits: Arc<Limits>,
+    /// The storage engine (the hub holds it too; kept to close it after draining).
+    store: Arc<dyn Store>,
+    /// Every room, loaded from the store.
+    hub: Arc<Hub>,
+    /// How callers prove who they are.
+    auth: Arc<AuthMode>,
+    /// Who holds which nickname.
+    nicknames: Arc<Nicknames>,
+}
+
+impl Ready {
+    /// Checks the settings, opens (and migrates) the store and loads its rooms.
+    pub fn open(config: Config) -> Result<Self, ServerError> {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Arc::new(Limits::new(config.limits.clone(), metrics.clone())?);
+        let store = open_store(&config)?;
+        let hub = Arc::new(Hub::new(
+            store.clone(),
+            HubConfig {
+                ring_capacity: config.ring_capacity,
+                history_on_join: config.history_on_join,
+                dedupe_window: config.dedupe_window,
+            },
+            limits.clone(),
+            metrics.clone(),
+        )?);
+        let nicknames = Arc::new(Nicknames::new(config.nickname_lease));
+        let auth = Arc::new(match jwt_verifier(&config)? {
+            Some(verifier) => {
+                tracing::info!("authentication: tokens from an identity provider (JWT)");
+                AuthMode::Jwt(Box::new(verifier))
+            }
+            None => AuthMode::Sessions {
+                tokens: Arc::new(tokens(&config)?),
+                nicknames: nicknames.clone(),
+            },
+        });
+        Ok(Self {
+            config,
+            metrics,
+            limits,
+            store,
+            hub,
+            auth,
+            nicknames,
+        })
+    }
+
+    /// Serves on `listener` (and metrics on `metrics_listener`) until `shutdown`
+    /// resolves, drains every stream, and closes the store.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServerError> {
+        let drain = CancellationToken::new();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<ChatServiceServer<ChatServer>>().await;
+        let housekeeping = self.spawn_housekeeping(metrics_listener, &drain);
+        let signal = drain_on(shutdown, drain.clone(), health);
+
+        let local = listener.local_addr().ok();
+        let mut builder = Server::builder();
+        if let Some(tls) = tls_config(&self.config)? {
+            builder = builder.tls_config(tls)?;
+        }
+        let incoming = Incoming::new(
+            TcpListenerStream::new(listener),
+            self.config.limits.max_connections_per_ip,
+            self.metrics.clone(),
+        );
+        let serve = builder
+            .trace_fn(|request| {
+                tracing::info_span!(
+                    "call",
+                    method = %request.uri().path(),
+                    user = tracing::field::Empty,
+                    room = tracing::field::Empty,
+                )
+            })
+            .http2_keepalive_interval(Some(self.config.keepalive_interval))
+            .http2_keepalive_timeout(Some(self.config.keepalive_timeout))
+            .add_service(compressed!(health_service))
+            .add_service(compressed!(reflection().build_v1()?))
+            .add_service(compressed!(reflection().build_v1alpha()?))
+            .add_service(self.chat_service(&drain))
+            .serve_with_incoming_shutdown(incoming, signal);
+
+        let grace = self.config.shutdown_grace;
+        let result = tokio::select! {
+            result = serve => result.map_err(ServerError::from),
+            () = async { drain.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "connections still open after the grace period; closing them");
+                Ok(())
+            }
+        };
+        for task in housekeeping {
+            task.abort();
+        }
+        // Every acked message is committed already; closing checkpoints the WAL.
+        let store = self.store;
+        if tokio::task::spawn_blocking(move || store.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("closing the store panicked");
+        }
+        tracing::info!(addr = ?local, "server stopped");
+        result
+    }
+
+    /// The chat service with its limits, compression and the interceptor that checks
+    /// every call's credentials.
+    fn chat_service(
+        &self,
+        drain: &CancellationToken,
+    ) -> InterceptedService<ChatServiceServer<ChatServer>, Authenticator> {
+        let chat = ChatServer::new(
+            self.hub.clone(),
+            self.auth.clone(),
+            self.nicknames.clone(),
+            drain.clone(),
+            self.config.max_text_bytes,
+            self.config.stall_timeout,
+        );
+        let chat = compressed!(ChatServiceServer::new(chat))
+            .max_decoding_message_size(self.config.max_message_bytes)
+            .max_encoding_message_size(self.config.max_message_bytes.max(1 << 20));
+        InterceptedService::new(chat, Authenticator::new(self.auth.clone()))
+    }
+
+    /// The server's own tasks: forgetting lapsed nickname claims and full rate buckets (so
+    /// neither registry grows with every user ever seen), the metrics endpoint, and
+    /// retention. Aborted once the server has drained.
+    fn spawn_housekeeping(
+        &self,
+        metrics_listener: Option<TcpListener>,
+        drain: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        let nicknames = self.nicknames.clone();
+        let limits = self.limits.clone();
+        let period = self.config.nickname_lease.max(Duration::from_secs(1));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                nicknames.prune();
+                limits.prune();
+            }
+        }));
+        if let Some(listener) = metrics_listener {
+            let drained = drain.clone();
+            let served = crate::metrics::serve(
+                listener,
+                self.metrics.clone(),
+                self.hub.clone(),
+                async move { drained.cancelled().await },
+            );
+            tasks.push(tokio::spawn(async move {
+                if let Err(error) = served.await {
+                    tracing::error!(%error, "the metrics endpoint failed");
+                }
+            }));
+        }
+        let retention = self.config.retention();
+        if retention.is_enabled() {
+            let store = self.store.clone();
+            let period = self.config.retention_interval;
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                loop {
+                    tick.tick().await;
+                    let (done, applied) = on_commit();
+                    store.apply_retention(retention, done);
+                    if let Err(error) = applied.await {
+                        tracing::error!(%error, "retention failed");
+                    }
+                }
+            }));
+        }
+        tasks
+    }
+}
+
+/// The store the flags ask for: SQLite in the data dir (created, migrated), or memory.
+fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
+    Ok(if config.in_memory {
         tracing::info!("storage: in memory (nothing will survive this process)");
         Arc::new(MemoryStore::new())
     } else {
         tracing::info!(data_dir = %config.data_dir.display(), "storage: SQLite");
         Arc::new(SqliteStore::open(&config.data_dir)?)
-    };
-    let hub = Arc::new(Hub::new(
-        store.clone(),
-        HubConfig {
-            ring_capacity: config.ring_capacity,
-            history_on_join: config.history_on_join,
-            dedupe_window: config.dedupe_window,
-        },
-        limits.clone(),
-        metrics.clone(),
-    )?);
-    let tokens = Arc::new(match (&config.token_secret, config.in_memory) {
+    })
+}
+
+/// The key that signs session tokens: `--token-secret`, else the data dir's (made on first
+/// start), else (in memory) one for this process only.
+fn tokens(config: &Config) -> Result<Tokens, ServerError> {
+    Ok(match (&config.token_secret, config.in_memory) {
         (Some(secret), _) if secret.len() < 32 => {
             return Err(ServerError::Config(
                 "--token-secret must be at least 32 characters".into(),
@@ -181,147 +379,22 @@ pub async fn run_with_metrics(
             Tokens::persistent(&config.data_dir.join("token-secret"), config.token_ttl)
                 .map_err(|e| ServerError::Config(format!("token secret: {e}")))?
         }
-    });
-    let nicknames = Arc::new(Nicknames::new(config.nickname_lease));
-    let auth = Arc::new(match jwt_verifier(&config)? {
-        Some(verifier) => {
-            tracing::info!("authentication: tokens from an identity provider (JWT)");
-            AuthMode::Jwt(Box::new(verifier))
-        }
-        None => AuthMode::Sessions {
-            tokens,
-            nicknames: nicknames.clone(),
-        },
-    });
-    let drain = CancellationToken::new();
+    })
+}
 
-    let chat = ChatServer::new(
-        hub.clone(),
-        auth.clone(),
-        nicknames.clone(),
-        drain.clone(),
-        config.max_text_bytes,
-        config.stall_timeout,
-    );
-    let chat = compressed!(ChatServiceServer::new(chat))
-        .max_decoding_message_size(config.max_message_bytes)
-        .max_encoding_message_size(config.max_message_bytes.max(1 << 20));
-    let chat = InterceptedService::new(chat, Authenticator::new(auth));
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ChatServiceServer<ChatServer>>().await;
-    let health_service = compressed!(health_service);
-    let reflection_v1 = compressed!(reflection().build_v1()?);
-    let reflection_v1alpha = compressed!(reflection().build_v1alpha()?);
-
-    // Lapsed nickname claims and full rate buckets are forgotten now and then, so that
-    // neither registry grows with every user ever seen.
-    let pruner = {
-        let nicknames = nicknames.clone();
-        let limits = limits.clone();
-        let period = config.nickname_lease.max(Duration::from_secs(1));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                nicknames.prune();
-                limits.prune();
-            }
-        })
-    };
-
-    let metrics_server = metrics_listener.map(|listener| {
-        let drained = drain.clone();
-        tokio::spawn(crate::metrics::serve(
-            listener,
-            metrics.clone(),
-            hub.clone(),
-            async move { drained.cancelled().await },
-        ))
-    });
-
-    let retention = config.retention();
-    let retainer = retention.is_enabled().then(|| {
-        let store = store.clone();
-        let period = config.retention_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
-                let (done, applied) = on_commit();
-                store.apply_retention(retention, done);
-                if let Err(error) = applied.await {
-                    tracing::error!(%error, "retention failed");
-                }
-            }
-        })
-    });
-
-    let signal = {
-        let drain = drain.clone();
-        let health = health.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining streams");
-            health
-                .set_not_serving::<ChatServiceServer<ChatServer>>()
-                .await;
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-            drain.cancel();
-        }
-    };
-
-    let local = listener.local_addr().ok();
-    let mut builder = Server::builder();
-    if let Some(tls) = tls_config(&config)? {
-        builder = builder.tls_config(tls)?;
-    }
-    let incoming = Incoming::new(
-        TcpListenerStream::new(listener),
-        config.limits.max_connections_per_ip,
-        metrics.clone(),
-    );
-    let serve = builder
-        .trace_fn(|request| {
-            tracing::info_span!(
-                "call",
-                method = %request.uri().path(),
-                user = tracing::field::Empty,
-                room = tracing::field::Empty,
-            )
-        })
-        .http2_keepalive_interval(Some(config.keepalive_interval))
-        .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(chat)
-        .serve_with_incoming_shutdown(incoming, signal);
-
-    let grace = config.shutdown_grace;
-    let result = tokio::select! {
-        result = serve => result.map_err(ServerError::from),
-        () = async { drain.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(?grace, "connections still open after the grace period; closing them");
-            Ok(())
-        }
-    };
-    pruner.abort();
-    if let Some(metrics_server) = metrics_server {
-        metrics_server.abort();
-    }
-    if let Some(retainer) = retainer {
-        retainer.abort();
-    }
-    // Every acked message is committed already; closing checkpoints the WAL.
-    if tokio::task::spawn_blocking(move || store.close())
-        .await
-        .is_err()
-    {
-        tracing::error!("closing the store panicked");
-    }
-    tracing::info!(addr = ?local, "server stopped");
-    result
+/// Waits for `shutdown`, then turns health NOT_SERVING and tells every stream to drain.
+async fn drain_on(
+    shutdown: impl Future<Output = ()>,
+    drain: CancellationToken,
+    health: tonic_health::server::HealthReporter,
+) {
+    shutdown.await;
+    tracing::info!("shutting down: draining streams");
+    health
+        .set_not_serving::<ChatServiceServer<ChatServer>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    drain.cancel();
 }
