@@ -47,11 +47,19 @@ pub enum ClientError {
         /// Why it was refused.
         source: tonic::transport::Error,
     },
-    /// The connection could not be made or was lost.
-    #[error("cannot reach the server: {0}")]
+    /// No connection could be made to the server.
+    #[error("cannot reach {address}: {cause}")]
+    Unreachable {
+        /// The address as given.
+        address: String,
+        /// Why, in plain words.
+        cause: Unreachable,
+    },
+    /// The connection was lost.
+    #[error("the connection failed: {0}")]
     Transport(#[from] tonic::transport::Error),
-    /// The server answered with an error status.
-    #[error("{}: {}", .0.code(), .0.message())]
+    /// The server answered with an error status: its message is what people are shown.
+    #[error("{}", status_text(.0))]
     Status(#[from] Status),
     /// The token the server issued cannot be sent as metadata.
     #[error("the server returned a token that is not valid ASCII metadata")]
@@ -59,6 +67,122 @@ pub enum ClientError {
     /// The chat stream ended (the server closed it or the connection dropped).
     #[error("the chat stream is closed")]
     StreamClosed,
+}
+
+impl ClientError {
+    /// Whether trying again as things are cannot help: an invalid address, a server whose
+    /// certificate is not trusted, or a login the server refused (a nickname that is
+    /// invalid or taken, a bad or expired token). Anything else (a server down, a
+    /// connection reset, a server shutting down) may pass.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ClientError::InvalidAddress { .. } | ClientError::BadToken => true,
+            ClientError::Unreachable { cause, .. } => matches!(cause, Unreachable::Tls(_)),
+            ClientError::Status(status) => matches!(
+                status.code(),
+                tonic::Code::InvalidArgument
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::PermissionDenied
+            ),
+            ClientError::Transport(_) | ClientError::StreamClosed => false,
+        }
+    }
+
+    /// Whether nothing listens at the address (the server is not running there).
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unreachable {
+                cause: Unreachable::Refused,
+                ..
+            }
+        )
+    }
+}
+
+/// A status as people should read it: the server's own words, or (a status with no
+/// message, from a proxy or the transport) what its code means.
+fn status_text(status: &Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        status.message().to_owned()
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unreachable {
+    /// Nothing listens at the address.
+    #[error("connection refused (no server is listening there)")]
+    Refused,
+    /// The host name does not resolve.
+    #[error("no such host")]
+    NoSuchHost,
+    /// No answer within the connect timeout.
+    #[error("no answer (timed out)")]
+    TimedOut,
+    /// The TLS handshake failed, and why (an untrusted or mismatched certificate…).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// Anything else the network said.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Unreachable {
+    /// Reads the cause out of a transport error's chain of sources.
+    fn of(error: &tonic::transport::Error) -> Self {
+        let mut chain: Vec<&(dyn std::error::Error + 'static)> = Vec::new();
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(error) = next {
+            chain.push(error);
+            next = error.source();
+        }
+        let text = |e: &&(dyn std::error::Error + 'static)| e.to_string().to_lowercase();
+        if let Some(tls) = chain.iter().find(|e| {
+            let t = text(e);
+            t.contains("certificate") || t.contains("tls") || t.contains("handshake")
+        }) {
+            // The innermost cause says most (rustls' own words).
+            let innermost = chain
+                .last()
+                .map_or_else(|| tls.to_string(), |e| e.to_string());
+            return Self::Tls(innermost);
+        }
+        for error in &chain {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return Self::Refused,
+                    std::io::ErrorKind::TimedOut => return Self::TimedOut,
+                    _ => {}
+                }
+            }
+            let t = text(error);
+            if t.contains("dns error") || t.contains("failed to lookup address") {
+                return Self::NoSuchHost;
+            }
+            if t.contains("timed out") {
+                return Self::TimedOut;
+            }
+        }
+        Self::Other(
+            chain
+                .last()
+                .map_or_else(|| error.to_string(), |e| e.to_string()),
+        )
+    }
+}
+
+/// A server address as [`Client::connect`] takes it: `http://host:port`, `https://…`, or
+/// a bare `host:port` (as grpcurl takes it), which means `http://host:port`.
+pub fn server_url(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    }
 }
 
 /// How to check the server (and, for mutual TLS, who this client is).
@@ -104,8 +228,8 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `address` (`http://host:port`, or `https://` with the web's usual
-    /// roots), without logging in.
+    /// Connects to `address` (`http://host:port`, a bare `host:port`, or `https://` with
+    /// the web's usual roots), without logging in.
     pub async fn connect(address: &str) -> Result<Self, ClientError> {
         Self::connect_with(address, None).await
     }
@@ -116,14 +240,15 @@ impl Client {
             address: address.to_owned(),
             source,
         };
-        let mut endpoint = Endpoint::from_shared(address.to_owned())
+        let url = server_url(address);
+        let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(invalid)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
-        if address.starts_with("https://") {
+        if url.starts_with("https://") {
             let tls = tls.cloned().unwrap_or_default();
             let mut config = ClientTlsConfig::new();
             config = match tls.ca_pem {
@@ -135,7 +260,13 @@ impl Client {
             }
             endpoint = endpoint.tls_config(config).map_err(invalid)?;
         }
-        let channel = endpoint.connect().await?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| ClientError::Unreachable {
+                address: address.to_owned(),
+                cause: Unreachable::of(&error),
+            })?;
         Ok(Self::from_channel(channel))
     }
 
@@ -319,6 +450,13 @@ impl ChatSender {
     /// Whether a frame can be queued now without waiting.
     pub fn has_room(&self) -> bool {
         self.frames.capacity() > 0
+    }
+
+    /// Resolves once a frame can be queued without waiting (or the stream is closed): a
+    /// full queue is waited on, not polled.
+    pub async fn room(&self) {
+        // The slot is reserved only to learn it is free; dropping the permit frees it.
+        let _ = self.frames.reserve().await;
     }
 
     /// Sends a frame as it is (for callers that manage request ids themselves).

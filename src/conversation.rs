@@ -112,6 +112,18 @@ pub enum ConnectionState {
         /// Always true on the first connection.
         resume_complete: bool,
     },
+    /// The server refused this client for a reason that trying again cannot fix (a
+    /// nickname that is invalid or taken, a bad or expired token, a certificate not
+    /// trusted). Nothing more is tried until [`Conversation::set_nickname`] gives a new
+    /// nickname.
+    Refused {
+        /// What was refused and why, for people.
+        reason: String,
+        /// True when the login was refused (the nickname, or the token for it), which
+        /// another nickname may fix; false when the server itself was refused (its
+        /// address or certificate).
+        login: bool,
+    },
     /// The connection was lost; the next attempt comes after `retry_in`.
     Disconnected {
         /// What happened, for people.
@@ -150,6 +162,7 @@ enum Op {
     SetTopic(String, String),
     Moderate(Command),
     ListRooms,
+    Nickname(String),
 }
 
 /// The handle to a conversation; dropping it ends the conversation.
@@ -256,6 +269,12 @@ impl Conversation {
         .await
     }
 
+    /// Uses `nickname` from the next login on: at once after a [`ConnectionState::Refused`]
+    /// login; on a live connection, by reconnecting under it (every room is rejoined).
+    pub async fn set_nickname(&self, nickname: &str) -> Result<(), ClientError> {
+        self.op(Op::Nickname(nickname.to_owned())).await
+    }
+
     /// Asks for the server's rooms; they arrive as [`ConversationEvent::Rooms`].
     pub async fn list_rooms(&self) -> Result<(), ClientError> {
         self.op(Op::ListRooms).await
@@ -273,6 +292,21 @@ enum Lost {
     Closed,
     /// The connection failed: try again.
     Retry(String),
+    /// The server refused what this client is (its nickname, token or trust): trying
+    /// again as things are cannot help. `login`: it was the login that was refused.
+    Refused { reason: String, login: bool },
+}
+
+impl Lost {
+    /// `error` (of the login, if `login`), told as `reason`: retried, unless trying again
+    /// cannot help.
+    fn failed(reason: String, error: &ClientError, login: bool) -> Self {
+        if error.is_permanent() {
+            Lost::Refused { reason, login }
+        } else {
+            Lost::Retry(reason)
+        }
+    }
 }
 
 struct Task {
@@ -299,6 +333,16 @@ impl Task {
             let reason = match self.connect_and_chat(&mut attempt).await {
                 Lost::Closed => return,
                 Lost::Retry(reason) => reason,
+                Lost::Refused { reason, login } => {
+                    tracing::debug!(%reason, "refused");
+                    if !self.state(ConnectionState::Refused { reason, login }).await
+                        || !self.until_nickname().await
+                    {
+                        return;
+                    }
+                    attempt = 0;
+                    continue;
+                }
             };
             attempt += 1;
             let retry_in = self.config.backoff.delay(attempt);
@@ -324,6 +368,28 @@ impl Task {
         }
     }
 
+    /// After a refusal: takes the application's commands until it gives a new nickname;
+    /// false when it is gone.
+    async fn until_nickname(&mut self) -> bool {
+        loop {
+            match self.ops.recv().await {
+                Some(Op::Nickname(nickname)) => {
+                    self.rename(nickname);
+                    return true;
+                }
+                Some(op) => self.offline(op),
+                None => return false,
+            }
+        }
+    }
+
+    /// Logs in as `nickname` from the next connection on (the old token speaks for the
+    /// old nickname, so it is dropped).
+    fn rename(&mut self, nickname: String) {
+        self.config.nickname = nickname;
+        self.token = None;
+    }
+
     /// Tells the application; false when it is gone.
     async fn state(&self, state: ConnectionState) -> bool {
         self.events
@@ -342,6 +408,7 @@ impl Task {
             Op::Leave(room) => {
                 self.rooms.remove(&room);
             }
+            Op::Nickname(nickname) => self.rename(nickname),
             // Ephemeral, or needing the server: meaningless later.
             Op::Typing(..) | Op::Ping(_) | Op::SetTopic(..) => {}
             Op::ListRooms | Op::Moderate(_) => {
@@ -356,7 +423,7 @@ impl Task {
         let mut client =
             match Client::connect_with(&self.config.server, self.config.tls.as_ref()).await {
                 Ok(client) => client,
-                Err(error) => return Lost::Retry(error.to_string()),
+                Err(error) => return Lost::failed(error.to_string(), &error, false),
             };
         let login = match &self.config.identity_token {
             Some(token) => client.login_with_token(token, &self.config.nickname).await,
@@ -371,7 +438,10 @@ impl Task {
         };
         let limits = match login {
             Ok(reply) => reply.limits.unwrap_or_default(),
-            Err(error) => return Lost::Retry(format!("login failed: {error}")),
+            Err(error) => {
+                let reason = format!("login as {:?} failed: {error}", self.config.nickname);
+                return Lost::failed(reason, &error, true);
+            }
         };
         let pacer = pacer(&limits);
         // Set when the server refused a message for the rate: nothing is sent before it.
@@ -416,20 +486,24 @@ impl Task {
                         Err(error) => return Lost::Retry(error.to_string()),
                     }
                 }
-                // A full stream frees up as the server reads; look again shortly (frames
+                // A full stream frees up as the server reads: wait for its queue (frames
                 // such as typing notices get no reply that would wake this loop).
-                () = tokio::time::sleep(Duration::from_millis(5)), if !sender.has_room() => {}
+                () = sender.room(), if !sender.has_room() => {}
                 op = self.ops.recv(), if unsent.is_empty() && sender.has_room() => {
                     let Some(op) = op else { return Lost::Closed };
+                    let renamed = matches!(op, Op::Nickname(_));
                     if let Err(error) = self.online(op, &client, &sender, &mut unsent).await {
                         return Lost::Retry(error.to_string());
+                    }
+                    if renamed {
+                        return Lost::Retry(format!("reconnecting as {:?}", self.config.nickname));
                     }
                 }
                 event = events.message() => {
                     let event = match event {
                         Ok(Some(event)) => event,
                         Ok(None) => return Lost::Retry("the server closed the stream".into()),
-                        Err(status) => return Lost::Retry(format!("{}: {}", status.code(), status.message())),
+                        Err(status) => return Lost::Retry(ClientError::from(status).to_string()),
                     };
                     let id = event.request_id;
                     let Some(payload) = &event.event else { continue };
@@ -569,6 +643,8 @@ impl Task {
             Op::Moderate(command) => {
                 sender.command(command).await?;
             }
+            // The loop reconnects under it: the server has no rename of a live login.
+            Op::Nickname(nickname) => self.rename(nickname),
             Op::ListRooms => {
                 // A unary call beside the stream, answered from its own task so that the
                 // stream keeps flowing meanwhile.

@@ -20,7 +20,7 @@ pub mod codec;
 pub mod conversation;
 mod message;
 
-pub use client::{ChatSender, ChatStream, Client, ClientError, Tls};
+pub use client::{ChatSender, ChatStream, Client, ClientError, Tls, Unreachable, server_url};
 pub use conversation::{
     Backoff, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
 };

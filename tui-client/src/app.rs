@@ -16,6 +16,7 @@ use confab::{
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers, MouseEventKind};
 
 use crate::{
+    advice,
     command::{self, COMMANDS, Command},
     event::Event,
     input::Input,
@@ -61,6 +62,8 @@ pub enum Effect {
         user: String,
         reason: String,
     },
+    /// Chat under another nickname from now on.
+    Nick(String),
 }
 
 /// One line of a room's scrollback.
@@ -185,6 +188,8 @@ pub struct App {
     typing_sent: Option<(String, SystemTime)>,
     /// Set by `/quit` and Ctrl-C.
     pub quit: bool,
+    /// No server was named: a refused connection comes with advice on starting one.
+    pub advise_on_refusal: bool,
 }
 
 impl App {
@@ -205,6 +210,7 @@ impl App {
             last_ping: None,
             typing_sent: None,
             quit: false,
+            advise_on_refusal: false,
         }
     }
 
@@ -389,6 +395,8 @@ impl App {
             }
         };
         let room = self.active_name();
+        // Commands that work without a connection (fixing a refused nickname) are not
+        // held back by the missing room either.
         let needs_room = matches!(
             command,
             Command::Say(_)
@@ -459,6 +467,11 @@ impl App {
             Command::Kick(user, reason) => effects.push(Effect::Kick { room, user, reason }),
             Command::Ban(user, reason) => effects.push(Effect::Ban { room, user, reason }),
             Command::Rooms => effects.push(Effect::ListRooms),
+            Command::Nick(nickname) => {
+                self.notice(Entry::Info(format!("you are now {nickname}")));
+                self.nickname.clone_from(&nickname);
+                effects.push(Effect::Nick(nickname));
+            }
             Command::Help => {
                 for (_, help) in COMMANDS {
                     self.notice(Entry::Info((*help).to_owned()));
@@ -551,12 +564,22 @@ impl App {
 
     fn connection_changed(&mut self, state: ConnectionState) {
         match &state {
+            ConnectionState::Refused { reason, login } => {
+                // Said once: nothing more happens until the user acts.
+                self.notice(Entry::Error(reason.clone()));
+                if *login {
+                    self.notice(Entry::Info(advice::FIX_NICK.into()));
+                }
+            }
             ConnectionState::Disconnected { reason, retry_in } => {
                 if !matches!(self.connection, ConnectionState::Disconnected { .. }) {
                     self.notice(Entry::Error(format!(
                         "connection lost ({reason}); reconnecting in {:.1}s",
                         retry_in.as_secs_f64()
                     )));
+                    if self.advise_on_refusal && reason.contains("connection refused") {
+                        self.notice(Entry::Info(advice::NO_SERVER.into()));
+                    }
                 }
                 self.reconnected = true;
                 for room in &mut self.rooms {

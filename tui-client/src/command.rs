@@ -26,6 +26,10 @@ pub const COMMANDS: &[(&str, &str)] = &[
         "/ban NICK [REASON] — (owner) put NICK out of this room for good",
     ),
     ("/rooms", "/rooms — list the server's rooms"),
+    (
+        "/nick",
+        "/nick NAME — chat under another nickname (reconnects as NAME)",
+    ),
     ("/help", "/help — this list"),
     ("/quit", "/quit — leave Confab"),
 ];
@@ -53,6 +57,8 @@ pub enum Command {
     Ban(String, String),
     /// `/rooms`.
     Rooms,
+    /// `/nick NAME`.
+    Nick(String),
     /// `/help`.
     Help,
     /// `/quit`.
@@ -116,6 +122,10 @@ pub fn parse(line: &str) -> Result<Option<Command>, Hint> {
             }
         }
         "rooms" | "list" => Command::Rooms,
+        "nick" => match args.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [nick] => Command::Nick((*nick).to_owned()),
+            _ => return Err(usage("nick")),
+        },
         "help" | "?" => Command::Help,
         "quit" | "exit" | "q" => Command::Quit,
         other => {

@@ -1,6 +1,7 @@
 //! `confab`: the Confab terminal client. Parses flags and runs one of its modes:
 //! the full-screen chat (default), `--pipe` for scripts, or `demo`.
 
+mod advice;
 mod app;
 mod command;
 mod demo;
@@ -10,7 +11,10 @@ mod pipe;
 mod terminal;
 mod ui;
 
-use std::time::{Duration, SystemTime};
+use std::{
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -28,8 +32,8 @@ use crate::{
 #[derive(Debug, Parser)]
 #[command(name = "confab", version, about)]
 struct Cli {
-    /// The server, `http://host:port` [default: http://127.0.0.1:50051; for `demo`, a
-    /// server of its own].
+    /// The server, `host:port` or `http://host:port` (`https://` for TLS) [default:
+    /// 127.0.0.1:50051; for `demo`, a server of its own].
     #[arg(long, env = "CONFAB_SERVER", global = true)]
     server: Option<String>,
     /// The CA (PEM) that signed an `https://` server's certificate.
@@ -63,6 +67,10 @@ struct Cli {
     /// With --pipe: keep running after stdin ends.
     #[arg(long, requires = "pipe")]
     follow: bool,
+    /// With --pipe (without --follow): give up, exiting non-zero, after this long unable
+    /// to connect.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, requires = "pipe")]
+    connect_timeout: Duration,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -78,9 +86,26 @@ enum Mode {
     },
 }
 
+/// Where the client looks for a server unless told.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_server = cli.server.is_none() && cli.mode.is_none();
+    match start(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("confab: {error}");
+            if default_server && error.to_string().contains("connection refused") {
+                eprintln!("{}", advice::NO_SERVER);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start(cli: Cli) -> anyhow::Result<()> {
     let nick = cli
         .nick
         .clone()
@@ -88,10 +113,7 @@ async fn main() -> anyhow::Result<()> {
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "guest".into());
     let mut config = ConversationConfig {
-        server: cli
-            .server
-            .clone()
-            .unwrap_or_else(|| "http://127.0.0.1:50051".into()),
+        server: cli.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into()),
         nickname: nick.clone(),
         rooms: cli.rooms.clone(),
         backoff: Default::default(),
@@ -118,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let room = cli.rooms.first().cloned().unwrap_or_else(|| "lobby".into());
         demo::start_users(&config.server, &room, users);
-        return chat(config).await;
+        return chat(config, false).await;
     }
     if cli.pipe {
         let room = cli
@@ -126,13 +148,14 @@ async fn main() -> anyhow::Result<()> {
             .first()
             .cloned()
             .context("--pipe needs a --room")?;
-        return pipe::run(config, &room, cli.follow).await;
+        return pipe::run(config, &room, cli.follow, cli.connect_timeout).await;
     }
-    chat(config).await
+    chat(config, cli.server.is_none()).await
 }
 
-/// The full-screen client.
-async fn chat(config: ConversationConfig) -> anyhow::Result<()> {
+/// The full-screen client; `default_server`: no server was named, so a refused connection
+/// comes with advice on starting one.
+async fn chat(config: ConversationConfig, default_server: bool) -> anyhow::Result<()> {
     let (conversation, net) = Conversation::start(config.clone());
     let mut terminal = terminal::init().context("cannot take over the terminal")?;
     let size = terminal
@@ -141,6 +164,7 @@ async fn chat(config: ConversationConfig) -> anyhow::Result<()> {
         .unwrap_or((80, 24));
     let mut app = App::new(&config.nickname, &config.rooms, SystemTime::now(), size);
     app.offset = *chrono::Local::now().offset();
+    app.advise_on_refusal = default_server;
     let result = run(&mut terminal, &mut app, conversation, net).await;
     terminal::restore();
     result
@@ -213,6 +237,7 @@ async fn perform(conversation: Conversation, mut effects: mpsc::UnboundedReceive
             Effect::Invite { room, user } => conversation.invite(&room, &user).await,
             Effect::Kick { room, user, reason } => conversation.kick(&room, &user, &reason).await,
             Effect::Ban { room, user, reason } => conversation.ban(&room, &user, &reason).await,
+            Effect::Nick(nickname) => conversation.set_nickname(&nickname).await,
         };
         if done.is_err() {
             return;

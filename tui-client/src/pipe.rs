@@ -3,8 +3,12 @@
 //! `room`, `seq`, `from` and `text` where they apply. When stdin ends, it waits until every
 //! line is acked (or refused) and everything the join replays (up to the head seq the join
 //! reported) is printed, then exits 0; with `--follow` it keeps printing.
+//!
+//! It exits non-zero, with one line on stderr, when the server refuses it for good (an
+//! invalid or taken nickname, a bad token, an untrusted certificate) and, without
+//! `--follow`, when it has been unable to connect for the connect timeout.
 
-use std::{collections::HashSet, io::Write as _};
+use std::{collections::HashSet, io::Write as _, time::Duration};
 
 use confab::{
     ConnectionState, Conversation, ConversationConfig, ConversationEvent,
@@ -14,19 +18,34 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 /// Runs pipe mode in `room` until stdin ends and everything is acked (or forever with
-/// `follow`).
-pub async fn run(config: ConversationConfig, room: &str, follow: bool) -> anyhow::Result<()> {
+/// `follow`). Without `follow`, gives up after `connect_timeout` without a connection.
+pub async fn run(
+    config: ConversationConfig,
+    room: &str,
+    follow: bool,
+    connect_timeout: Duration,
+) -> anyhow::Result<()> {
+    let server = config.server.clone();
     let (conversation, mut events) = Conversation::start(config);
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
     let mut unacked: HashSet<String> = HashSet::new();
     let mut replay = Replay::default();
     let mut failures = 0usize;
+    // While not connected: when to give up, and the last reason the connection gave.
+    let mut give_up = (!follow).then(|| tokio::time::Instant::now() + connect_timeout);
+    let mut last_failure = String::from("no answer yet");
     loop {
         if !stdin_open && replay.done() && unacked.is_empty() && !follow {
             break;
         }
         tokio::select! {
+            () = sleep_until(give_up) => {
+                anyhow::bail!(
+                    "could not connect to {server} within {}: {last_failure}",
+                    humantime::format_duration(connect_timeout)
+                );
+            }
             line = lines.next_line(), if stdin_open => match line {
                 Ok(Some(line)) if line.trim().is_empty() => {}
                 Ok(Some(line)) => {
@@ -38,6 +57,15 @@ pub async fn run(config: ConversationConfig, room: &str, follow: bool) -> anyhow
             event = events.recv() => {
                 let Some(event) = event else { break };
                 match &event {
+                    ConversationEvent::Connection(ConnectionState::Connected { .. }) => {
+                        give_up = None;
+                    }
+                    ConversationEvent::Connection(ConnectionState::Disconnected { reason, .. }) => {
+                        last_failure.clone_from(reason);
+                        if give_up.is_none() && !follow {
+                            give_up = Some(tokio::time::Instant::now() + connect_timeout);
+                        }
+                    }
                     ConversationEvent::Server(response) => match &response.event {
                         Some(Event::Ack(ack)) => {
                             unacked.remove(&ack.client_msg_id);
@@ -60,6 +88,9 @@ pub async fn run(config: ConversationConfig, room: &str, follow: bool) -> anyhow
                     writeln!(out, "{line}")?;
                     out.flush()?;
                 }
+                if let ConversationEvent::Connection(ConnectionState::Refused { reason, .. }) = &event {
+                    anyhow::bail!("{reason}");
+                }
             }
         }
     }
@@ -67,6 +98,14 @@ pub async fn run(config: ConversationConfig, room: &str, follow: bool) -> anyhow
         eprintln!("confab: the server refused {failures} line(s); see the error events");
     }
     Ok(())
+}
+
+/// Resolves at `deadline`, or never without one.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How far the room's replay has come: pipe mode does not end before the join's history
@@ -107,6 +146,7 @@ fn json_line(event: &ConversationEvent) -> Option<Value> {
             ConnectionState::Disconnected { reason, retry_in } => json!({
                 "kind": "disconnected", "reason": reason, "retry_in_ms": retry_in.as_millis() as u64
             }),
+            ConnectionState::Refused { reason, .. } => json!({"kind": "refused", "reason": reason}),
         },
         ConversationEvent::Rooms(rooms) => {
             json!({"kind": "rooms", "rooms": rooms.iter().map(|r| r.name.clone()).collect::<Vec<_>>()})

@@ -416,6 +416,14 @@ fn status(app: &App, width: u16) -> Line<'static> {
             ),
             Style::new().fg(Color::Red),
         )],
+        ConnectionState::Refused { login: true, .. } => vec![Span::styled(
+            "✕ nickname refused · /nick NAME to try another",
+            Style::new().fg(Color::Red),
+        )],
+        ConnectionState::Refused { login: false, .. } => vec![Span::styled(
+            "✕ server refused · see the message above",
+            Style::new().fg(Color::Red),
+        )],
     };
     let left: usize = spans.iter().map(|s| s.content.chars().count()).sum();
     let nick = format!("{} ", app.nickname);
