@@ -92,6 +92,18 @@ pub enum ChatError {
     /// Another live session holds the nickname: ALREADY_EXISTS.
     #[error("nickname {} is in use by another session", quote(.0))]
     NicknameTaken(String),
+    /// The nickname looks like one another live session holds: ALREADY_EXISTS.
+    #[error(
+        "nickname {} looks like {}, which someone else is using",
+        quote(nickname),
+        quote(held)
+    )]
+    NicknameLookalike {
+        /// The nickname asked for.
+        nickname: String,
+        /// The held nickname it could be taken for.
+        held: String,
+    },
     /// The command needs a state the session is not in (e.g. sending to a room it has not
     /// joined): FAILED_PRECONDITION, with the field that names the room.
     #[error("{description}")]
@@ -164,7 +176,9 @@ impl ChatError {
         match self {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::RoomNotFound { .. } => Code::NotFound,
-            Self::RoomExists(_) | Self::NicknameTaken(_) => Code::AlreadyExists,
+            Self::RoomExists(_) | Self::NicknameTaken(_) | Self::NicknameLookalike { .. } => {
+                Code::AlreadyExists
+            }
             Self::FailedPrecondition { .. } => Code::FailedPrecondition,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied { .. } => Code::PermissionDenied,

@@ -34,6 +34,7 @@ use crate::{
     error::{ChatError, quote},
     limits::Limits,
     metrics::Metrics,
+    nickname,
     store::{Access, Committed, RoomRecord, Store, StoreError, on_commit},
     validate::Outgoing,
 };
@@ -231,8 +232,8 @@ impl Room {
         let stored = {
             let mut state = self.state();
             owner_only(&state.record, by, "invite, kick or ban")?;
-            let key = target.to_lowercase();
-            if key == state.record.created_by.to_lowercase() {
+            let key = nickname::key(target);
+            if key == nickname::key(&state.record.created_by) {
                 return Err(ChatError::invalid(
                     "user",
                     "the owner cannot be put out of their own room",
@@ -463,7 +464,7 @@ impl Room {
         admit(&state.record, user)?;
         let removed = state
             .removals
-            .entry(user.to_lowercase())
+            .entry(nickname::key(user))
             .or_insert_with(|| watch::channel(None).0)
             .subscribe();
         let live = self.events.subscribe();
@@ -518,7 +519,7 @@ impl Room {
         *streams -= 1;
         if *streams == 0 {
             state.members.remove(user);
-            state.removals.remove(&user.to_lowercase());
+            state.removals.remove(&nickname::key(user));
             self.presence(user, PresenceKind::Left);
         }
     }
@@ -552,7 +553,7 @@ fn info(state: &RoomState, head_seq: u64) -> pb::RoomInfo {
 
 /// PERMISSION_DENIED unless `user` owns the room `record` describes.
 fn owner_only(record: &RoomRecord, user: &str, what: &str) -> Result<(), ChatError> {
-    if user.to_lowercase() == record.created_by.to_lowercase() {
+    if nickname::key(user) == nickname::key(&record.created_by) {
         return Ok(());
     }
     Err(ChatError::denied(
@@ -566,8 +567,8 @@ fn admit(record: &RoomRecord, user: &str) -> Result<(), ChatError> {
     if !record.private && record.access.is_empty() {
         return Ok(());
     }
-    let key = user.to_lowercase();
-    if key == record.created_by.to_lowercase() {
+    let key = nickname::key(user);
+    if key == nickname::key(&record.created_by) {
         return Ok(());
     }
     match record.access.get(&key) {

@@ -34,6 +34,7 @@ pub mod error;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod nickname;
 pub mod outbound;
 pub mod pagination;
 pub mod server;

@@ -205,7 +205,7 @@ impl Limits {
     /// Counts a stream of `user` as open until the guard is dropped; RESOURCE_EXHAUSTED
     /// when the user has its most streams open already.
     pub fn open_stream(&self, user: &str) -> Result<StreamGuard, ChatError> {
-        let key = user.to_lowercase();
+        let key = crate::nickname::key(user);
         let mut open = self.streams.entry(key.clone()).or_insert(0);
         if *open >= self.config.max_streams_per_user {
             drop(open);
@@ -244,7 +244,7 @@ fn check(
     let Some(limiter) = limiter else {
         return Ok(());
     };
-    match limiter.check_key(&user.to_lowercase()) {
+    match limiter.check_key(&crate::nickname::key(user)) {
         Ok(()) => Ok(()),
         Err(not_until) => {
             metrics.limited(limit);

@@ -21,6 +21,7 @@ use crate::{
     hub::{Hub, RoomEvent},
     limits::StreamGuard,
     metrics::Held,
+    nickname,
     outbound::{End, Events, Outbound, reconnect_notice},
     pagination,
     session::Session,
@@ -98,7 +99,7 @@ impl ChatServer {
             ))
         })?;
         let asked = &request.get_ref().nickname;
-        if !asked.is_empty() && !asked.eq_ignore_ascii_case(&user.nickname) {
+        if !asked.is_empty() && nickname::key(asked) != nickname::key(&user.nickname) {
             return Err(ChatError::denied(
                 "nickname",
                 format!(
@@ -152,13 +153,14 @@ impl ChatService for ChatServer {
             AuthMode::Jwt(_) => return self.confirm_jwt(request),
         };
         let request = request.into_inner();
-        validate::nickname("nickname", &request.nickname).map_err(ChatError::from)?;
+        let nickname =
+            validate::nickname("nickname", &request.nickname).map_err(ChatError::from)?;
         // An unusable resume token (expired, from an earlier server) is no error: the
         // login simply does not reclaim anything.
         let resume = (!request.resume_token.is_empty())
             .then(|| tokens.verify(&request.resume_token).ok())
             .flatten();
-        let identity = self.nicknames.claim(&request.nickname, resume.as_ref())?;
+        let identity = self.nicknames.claim(&nickname, resume.as_ref())?;
         let (token, expires) = tokens.issue(&identity);
         tracing::info!(nickname = %identity.nickname, resumed = resume.is_some(), "login");
         Ok(Response::new(pb::LoginResponse {

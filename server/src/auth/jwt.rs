@@ -78,10 +78,10 @@ impl JwtVerifier {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(JwtError::Rejected)?
             .claims;
-        crate::validate::nickname("sub", &claims.sub)
+        let nickname = crate::validate::nickname("sub", &claims.sub)
             .map_err(|v| JwtError::BadSubject(v.description))?;
         let identity = Identity {
-            nickname: claims.sub,
+            nickname,
             session: 0,
         };
         Ok((identity, UNIX_EPOCH + Duration::from_secs(claims.exp)))

@@ -11,14 +11,29 @@ use dashmap::{DashMap, mapref::entry::Entry};
 use rand::Rng as _;
 
 use super::Identity;
-use crate::error::ChatError;
+use crate::{error::ChatError, nickname};
 
 /// Which session holds each nickname.
 pub struct Nicknames {
-    /// Claims by lower-cased nickname, so `Alice` and `alice` are one name.
+    /// Claims by the nickname's comparison key ([`nickname::key`]), so `Zoë` and `zoë`
+    /// are one name.
     claims: DashMap<String, Claim>,
+    /// The nickname whose claim last took each look-alike skeleton ([`nickname::skeleton`]):
+    /// a claim of another nickname with the same skeleton is refused while that one is
+    /// live. Claims take the skeleton's entry before the claim's (always in that order),
+    /// so two look-alikes claimed at once cannot both win.
+    skeletons: DashMap<String, Holder>,
     /// How long a claim outlives its session's last stream or call.
     lease: Duration,
+}
+
+/// A nickname as the skeleton index knows it.
+#[derive(Debug, Clone)]
+struct Holder {
+    /// Its comparison key (the claim's key).
+    key: String,
+    /// As its holder wrote it, for the refusal's message.
+    nickname: String,
 }
 
 #[derive(Debug)]
@@ -50,17 +65,27 @@ impl Nicknames {
     pub fn new(lease: Duration) -> Self {
         Self {
             claims: DashMap::new(),
+            skeletons: DashMap::new(),
             lease,
         }
     }
 
-    /// Claims `nickname` for a new session, or for the session of `resume` if it held it.
+    /// Claims `nickname` (enforced already) for a new session, or for the session of
+    /// `resume` if it held it. ALREADY_EXISTS while another live session holds it or a
+    /// look-alike of it.
     pub fn claim(&self, nickname: &str, resume: Option<&Identity>) -> Result<Identity, ChatError> {
-        let key = nickname.to_lowercase();
+        let key = nickname::key(nickname);
         let resumed = resume
-            .filter(|r| r.nickname.to_lowercase() == key)
+            .filter(|r| nickname::key(&r.nickname) == key)
             .map(|r| r.session);
-        let session = match self.claims.entry(key) {
+        let skeleton = self.skeletons.entry(nickname::skeleton(nickname));
+        if let Some(holder) = self.lookalike(&skeleton, &key) {
+            return Err(ChatError::NicknameLookalike {
+                nickname: nickname.to_owned(),
+                held: holder.nickname,
+            });
+        }
+        let session = match self.claims.entry(key.clone()) {
             Entry::Vacant(slot) => {
                 let session = resumed.unwrap_or_else(new_session);
                 slot.insert(Claim::new(session));
@@ -80,16 +105,40 @@ impl Nicknames {
                 }
             }
         };
+        skeleton.insert(Holder {
+            key,
+            nickname: nickname.to_owned(),
+        });
         Ok(Identity {
             nickname: nickname.to_owned(),
             session,
         })
     }
 
+    /// The live holder of a look-alike of the nickname keyed `key`, if there is one.
+    fn lookalike(&self, skeleton: &Entry<'_, String, Holder>, key: &str) -> Option<Holder> {
+        let Entry::Occupied(holder) = skeleton else {
+            return None;
+        };
+        let holder = holder.get();
+        let live = holder.key != key
+            && self
+                .claims
+                .get(&holder.key)
+                .is_some_and(|claim| claim.is_live(self.lease));
+        live.then(|| holder.clone())
+    }
+
     /// Whether `identity` may speak for its nickname; touches its claim. A token whose
-    /// claim lapsed takes the nickname back if no one else took it meanwhile.
+    /// claim lapsed takes the nickname back if no one else took it (or a look-alike of
+    /// it) meanwhile.
     pub fn admit(&self, identity: &Identity) -> bool {
-        match self.claims.entry(identity.nickname.to_lowercase()) {
+        let key = nickname::key(&identity.nickname);
+        let skeleton = self.skeletons.entry(nickname::skeleton(&identity.nickname));
+        if self.lookalike(&skeleton, &key).is_some() {
+            return false;
+        }
+        let admitted = match self.claims.entry(key.clone()) {
             Entry::Vacant(slot) => {
                 slot.insert(Claim::new(identity.session));
                 true
@@ -106,12 +155,19 @@ impl Nicknames {
                     false
                 }
             }
+        };
+        if admitted {
+            skeleton.insert(Holder {
+                key,
+                nickname: identity.nickname.clone(),
+            });
         }
+        admitted
     }
 
     /// Marks a stream of `identity` open until the guard is dropped.
     pub fn open_stream(self: &Arc<Self>, identity: &Identity) -> StreamClaim {
-        let key = identity.nickname.to_lowercase();
+        let key = nickname::key(&identity.nickname);
         if let Some(mut claim) = self.claims.get_mut(&key)
             && claim.session == identity.session
         {
@@ -124,9 +180,12 @@ impl Nicknames {
         }
     }
 
-    /// Forgets claims that are no longer live, so the registry does not grow forever.
+    /// Forgets claims that are no longer live, and the skeletons of forgotten claims, so
+    /// the registry does not grow forever.
     pub fn prune(&self) {
         self.claims.retain(|_, claim| claim.is_live(self.lease));
+        self.skeletons
+            .retain(|_, holder| self.claims.contains_key(&holder.key));
     }
 }
 
@@ -165,6 +224,27 @@ mod tests {
         ));
         let again = nicknames.claim("alice", Some(&first)).unwrap();
         assert_eq!(again.session, first.session);
+    }
+
+    #[test]
+    fn case_and_look_alikes_of_a_held_nickname_are_refused_until_it_lapses() {
+        let nicknames = Arc::new(Nicknames::new(Duration::ZERO));
+        let zoe = nicknames.claim("zoë", None).unwrap();
+        let stream = nicknames.open_stream(&zoe);
+        assert!(matches!(
+            nicknames.claim("Zoë", None),
+            Err(ChatError::NicknameTaken(_))
+        ));
+        let paul = nicknames.claim("paul", None).unwrap();
+        let _paul_stream = nicknames.open_stream(&paul);
+        // A Cyrillic а.
+        assert!(matches!(
+            nicknames.claim("p\u{430}ul", None),
+            Err(ChatError::NicknameLookalike { held, .. }) if held == "paul"
+        ));
+        assert!(nicknames.claim("李雷", None).is_ok());
+        drop(stream);
+        assert!(nicknames.claim("Zoë", None).is_ok(), "lapsed: free again");
     }
 
     #[test]

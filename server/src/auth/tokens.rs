@@ -116,14 +116,12 @@ impl Tokens {
         mac.update(&payload);
         mac.verify_slice(&tag).map_err(|_| TokenError::Foreign)?;
         let payload = String::from_utf8(payload).map_err(|_| MALFORMED)?;
-        let mut fields = payload.split(':');
-        let (Some("v1"), Some(nickname), Some(session), Some(expires), None) = (
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-        ) else {
+        // `v1:<nickname>:<session>:<expiry>`, read from the right: a nickname may hold `:`.
+        let rest = payload.strip_prefix("v1:").ok_or(MALFORMED)?;
+        let mut fields = rest.rsplitn(3, ':');
+        let (Some(expires), Some(session), Some(nickname)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
             return Err(MALFORMED);
         };
         let session = u64::from_str_radix(session, 16).map_err(|_| MALFORMED)?;
@@ -181,6 +179,19 @@ mod tests {
         let expired = Tokens::new(b"k", Duration::ZERO);
         let (token, _) = expired.issue(&alice());
         assert_eq!(expired.verify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn nicknames_with_colons_and_any_script_round_trip() {
+        let tokens = Tokens::new(b"k", Duration::from_secs(60));
+        for nickname in ["a:b", "李雷", "zoë:"] {
+            let identity = Identity {
+                nickname: nickname.into(),
+                session: 7,
+            };
+            let (token, _) = tokens.issue(&identity);
+            assert_eq!(tokens.verify(&token), Ok(identity));
+        }
     }
 
     #[test]
