@@ -6,6 +6,12 @@
 //! message, so a figure is the cost of one append plus its delivery to every reader;
 //! throughput is counted in deliveries (messages × readers; messages alone with no reader).
 //!
+//! `send_path`: a room's send path on the SQLite store, as the server runs it: 16 senders
+//! on their own tasks each send 64 messages (1,024 in all) to one room and wait for every
+//! ack. `fresh`: a new room, whose keys are all in memory. `after_restart`: a room whose
+//! newest stored message is a second old, as after a restart, so every new key is also
+//! looked up in the store (the idempotency guarantee across restarts).
+//!
 //! Run: `cargo bench -p confab-server --bench hub`.
 
 use std::{sync::Arc, time::Duration};
@@ -16,7 +22,7 @@ use confab_server::{
     hub::{Hub, HubConfig, RoomEvent},
     limits::{LimitConfig, Limits},
     metrics::Metrics,
-    store::MemoryStore,
+    store::{MemoryStore, SqliteStore, Store},
     validate::Outgoing,
 };
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
@@ -24,10 +30,14 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 const MESSAGES: u64 = 1_000;
 
 fn hub() -> Hub {
+    hub_on(Arc::new(MemoryStore::new()))
+}
+
+fn hub_on(store: Arc<dyn Store>) -> Hub {
     let metrics = Arc::new(Metrics::new());
     let limits = Limits::new(LimitConfig::unlimited(), metrics.clone()).unwrap();
     Hub::new(
-        Arc::new(MemoryStore::new()),
+        store,
         HubConfig {
             ring_capacity: 1024,
             history_on_join: 0,
@@ -105,5 +115,77 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Senders on their own tasks, and messages each, in a `send_path` round.
+const SENDERS: u64 = 16;
+const PER_SENDER: u64 = 64;
+
+/// One `send_path` round on `hub`'s room `room`: every sender's messages, each acked.
+async fn sends(hub: &Arc<Hub>, room: &str, round: u64) -> Duration {
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for sender in 0..SENDERS {
+        let (hub, room) = (hub.clone(), room.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let name = format!("sender{sender}");
+            for n in 0..PER_SENDER {
+                let message = Outgoing {
+                    room: room.clone(),
+                    text: "x".repeat(100),
+                    client_msg_id: format!("{round}-{n}"),
+                    kind: MessageKind::Text,
+                };
+                hub.publish("room", &name, message).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    start.elapsed()
+}
+
+fn send_path(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("send_path");
+    group.measurement_time(Duration::from_secs(10));
+    group.warm_up_time(Duration::from_secs(3));
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(SENDERS * PER_SENDER));
+    for case in ["fresh", "after_restart"] {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let hub = runtime.block_on(async {
+            let hub = hub_on(store.clone());
+            hub.open_room("bench", "publisher").await.unwrap();
+            if case == "after_restart" {
+                sends(&Arc::new(hub), "bench", u64::MAX).await;
+                // The same store under a new hub: nothing recent in memory.
+                hub_on(store)
+            } else {
+                hub
+            }
+        });
+        let hub = Arc::new(hub);
+        let mut round = 0;
+        group.bench_function(case, |b| {
+            b.iter_custom(|iterations| {
+                runtime.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iterations {
+                        round += 1;
+                        total += sends(&hub, "bench", round).await;
+                    }
+                    total
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, send_path);
 criterion_main!(benches);

@@ -147,22 +147,50 @@ struct RoomState {
 /// The outcome of a commit, awaitable by the sender and by any retry of the same key.
 type Commit = Shared<oneshot::Receiver<Result<(), StoreError>>>;
 
-/// Recent `(sender, client_msg_id)` → seq, oldest first.
-#[derive(Debug, Default)]
+/// Recent `(sender, client_msg_id)` → seq, oldest first, and what has been forgotten.
+///
+/// Every key of this process's sends is here until it is forgotten (oldest first, and only
+/// once its message is committed); every other key is in the store. `forgotten_through`
+/// says which: a key not here can only be a stored one with a seq at or below it. So a
+/// send whose key is not here needs the store only while such a key could still be within
+/// the dedupe window, and that lookup is exact once the store has committed everything up
+/// to `forgotten_through` (see [`Room::append`]).
+#[derive(Debug)]
 struct RecentSends {
-    by_key: HashMap<(String, String), (u64, Instant, Commit)>,
+    by_key: HashMap<(String, String), (u64, SystemTime, Commit)>,
     order: VecDeque<(String, String)>,
+    /// Every key with a seq above this is in `by_key` (or was never sent).
+    forgotten_through: u64,
+    /// When the newest forgotten message was sent: once it is older than the dedupe
+    /// window, no forgotten key can be a retry, and the store is not asked.
+    forgotten_sent: SystemTime,
 }
 
 impl RecentSends {
-    fn get(&self, key: &(String, String), window: Duration) -> Option<(u64, Commit)> {
-        let (seq, at, commit) = self.by_key.get(key)?;
-        (at.elapsed() < window).then(|| (*seq, commit.clone()))
+    /// Nothing recent; the store holds the room's messages up to `stored_through`, the
+    /// newest sent at `last_sent`.
+    fn new(stored_through: u64, last_sent: SystemTime) -> Self {
+        Self {
+            by_key: HashMap::new(),
+            order: VecDeque::new(),
+            forgotten_through: stored_through,
+            forgotten_sent: last_sent,
+        }
+    }
+
+    fn get(&self, key: &(String, String), since: SystemTime) -> Option<(u64, Commit)> {
+        let (seq, sent, commit) = self.by_key.get(key)?;
+        (*sent >= since).then(|| (*seq, commit.clone()))
+    }
+
+    /// Whether a key not here may be in the store as a send after `since`.
+    fn may_be_stored(&self, since: SystemTime) -> bool {
+        self.forgotten_through > 0 && self.forgotten_sent >= since
     }
 
     fn insert(&mut self, key: (String, String), seq: u64, commit: Commit, committed: u64) {
         self.order.push_back(key.clone());
-        self.by_key.insert(key, (seq, Instant::now(), commit));
+        self.by_key.insert(key, (seq, SystemTime::now(), commit));
         // Forget the oldest keys once their message is committed (the store finds them
         // from then on); one still in flight is kept, however many there are.
         while self.order.len() > RECENT_SENDS {
@@ -174,11 +202,27 @@ impl RecentSends {
             {
                 break;
             }
-            if let Some(oldest) = self.order.pop_front() {
-                self.by_key.remove(&oldest);
+            if let Some(oldest) = self.order.pop_front()
+                && let Some((seq, sent, _)) = self.by_key.remove(&oldest)
+            {
+                self.forgotten_through = self.forgotten_through.max(seq);
+                self.forgotten_sent = self.forgotten_sent.max(sent);
             }
         }
     }
+}
+
+/// What `Room::append` does next, decided under the room's lock.
+enum Step {
+    /// Wait for this commit (of the message, or of the original it repeats).
+    Wait {
+        seq: u64,
+        duplicate: bool,
+        commit: Commit,
+    },
+    /// Look the key up in the store (off the lock), which must have committed at least
+    /// this seq for the answer to be exact.
+    Lookup { committed: u64 },
 }
 
 fn now() -> prost_types::Timestamp {
@@ -186,8 +230,16 @@ fn now() -> prost_types::Timestamp {
 }
 
 impl Room {
-    fn new(record: RoomRecord, ring_capacity: usize, metrics: Arc<Metrics>) -> Self {
+    /// A room as `record` describes it; its log holds messages up to `record.head_seq`,
+    /// the newest sent at `last_sent`.
+    fn new(
+        record: RoomRecord,
+        last_sent: SystemTime,
+        ring_capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (events, _) = broadcast::channel(ring_capacity);
+        let recent = RecentSends::new(record.head_seq, last_sent);
         Self {
             name: record.name.clone(),
             private: record.private,
@@ -197,7 +249,7 @@ impl Room {
                 record,
                 members: BTreeMap::new(),
                 removals: HashMap::new(),
-                recent: RecentSends::default(),
+                recent,
             }),
             metrics,
         }
@@ -314,60 +366,82 @@ impl Room {
 
     /// Appends a message from `sender`, unless its idempotency key was seen already;
     /// resolves once the message (or the original it repeats) is committed.
+    ///
+    /// The room's lock is held only for memory work: the recent keys, the seq, handing the
+    /// message to the store's queue. When the key is not recent but could be a stored one
+    /// (after a restart, or once it was forgotten), the store is asked on a blocking
+    /// thread with the lock released; then, under the lock again, the answer counts only
+    /// if the store had committed every forgotten key by then (`RecentSends`), and a key
+    /// sent meanwhile is in the recent keys. Otherwise it asks again, so a retry within
+    /// the dedupe window is always acked with its original seq.
     async fn append(
         self: &Arc<Self>,
-        store: &dyn Store,
+        store: &Arc<dyn Store>,
         limits: &Limits,
         sender: &str,
         message: Outgoing,
         dedupe_window: Duration,
     ) -> Result<Published, ChatError> {
-        let (seq, duplicate, commit) = {
-            let mut state = self.state();
-            admit(&state.record, sender)?;
-            let key = (sender.to_owned(), message.client_msg_id.clone());
-            if let Some((seq, commit)) = state.recent.get(&key, dedupe_window) {
-                // A retry of a recent send (a client resending what it sent before a
-                // reconnect) costs no token: it stores nothing.
-                (seq, true, commit)
-            } else if let Err(refused) = limits.send(sender) {
-                // Before the store is asked about older sends: a refused flood costs no
-                // read.
-                return Err(refused);
-            } else if let Some(seq) = store.find_sent(
-                &self.name,
-                sender,
-                &message.client_msg_id,
-                SystemTime::now() - dedupe_window,
-            )? {
-                // Found in the store: committed already.
-                return Ok(Published {
+        let mut key = (sender.to_owned(), message.client_msg_id.clone());
+        let mut message = Some(message);
+        // The committed seq at the last store lookup that found nothing.
+        let mut looked_up: Option<u64> = None;
+        let (seq, duplicate, commit) = loop {
+            let since = SystemTime::now() - dedupe_window;
+            let step = {
+                let mut state = self.state();
+                admit(&state.record, sender)?;
+                if let Some((seq, commit)) = state.recent.get(&key, since) {
+                    // A retry of a recent send (a client resending what it sent before a
+                    // reconnect) costs no token: it stores nothing.
+                    Step::Wait {
+                        seq,
+                        duplicate: true,
+                        commit,
+                    }
+                } else {
+                    if looked_up.is_none() {
+                        // Before the store is asked about older sends: a refused flood
+                        // costs no read.
+                        limits.send(sender)?;
+                    }
+                    let exact = looked_up
+                        .is_some_and(|committed| state.recent.forgotten_through <= committed);
+                    if !exact && state.recent.may_be_stored(since) {
+                        Step::Lookup {
+                            committed: self.head_seq(),
+                        }
+                    } else {
+                        let Some(message) = message.take() else {
+                            unreachable!("a message is appended once: the loop ends here");
+                        };
+                        // Taken, not cloned: the loop ends with this step.
+                        let key = std::mem::take(&mut key);
+                        let (seq, commit) = self.assign(&mut state, store.as_ref(), key, message);
+                        Step::Wait {
+                            seq,
+                            duplicate: false,
+                            commit,
+                        }
+                    }
+                }
+            };
+            match step {
+                Step::Wait {
                     seq,
-                    duplicate: true,
-                });
-            } else {
-                let seq = state.record.head_seq + 1;
-                state.record.head_seq = seq;
-                let stored = ChatMessage::new(ChatMessageRecord {
-                    room: self.name.clone(),
-                    seq,
-                    sender: sender.to_owned(),
-                    text: message.text,
-                    kind: message.kind as i32,
-                    client_msg_id: message.client_msg_id,
-                    sent_at: Some(now()),
-                });
-                let (tx, rx) = oneshot::channel();
-                let commit = rx.shared();
-                state
-                    .recent
-                    .insert(key, seq, commit.clone(), self.head_seq());
-                // Called under the lock so the store gets each room's messages in seq order.
-                store.append(
-                    stored.clone(),
-                    self.on_committed(stored, tx, Instant::now()),
-                );
-                (seq, false, commit)
+                    duplicate,
+                    commit,
+                } => break (seq, duplicate, commit),
+                Step::Lookup { committed } => {
+                    if let Some(seq) = self.find_sent(store, sender, &key.1, since).await? {
+                        // Found in the store: committed already.
+                        return Ok(Published {
+                            seq,
+                            duplicate: true,
+                        });
+                    }
+                    looked_up = Some(committed);
+                }
             }
         };
         match commit.await {
@@ -375,6 +449,59 @@ impl Room {
             Ok(Err(error)) => Err(error.into()),
             Err(_) => Err(StoreError("the store dropped a write".into()).into()),
         }
+    }
+
+    /// Takes the next seq for `message` and hands it to the store; called under the lock,
+    /// so the store gets each room's messages in seq order.
+    fn assign(
+        self: &Arc<Self>,
+        state: &mut RoomState,
+        store: &dyn Store,
+        key: (String, String),
+        message: Outgoing,
+    ) -> (u64, Commit) {
+        let seq = state.record.head_seq + 1;
+        state.record.head_seq = seq;
+        let stored = ChatMessage::new(ChatMessageRecord {
+            room: self.name.clone(),
+            seq,
+            sender: key.0.clone(),
+            text: message.text,
+            kind: message.kind as i32,
+            client_msg_id: message.client_msg_id,
+            sent_at: Some(now()),
+        });
+        let (tx, rx) = oneshot::channel();
+        let commit = rx.shared();
+        state
+            .recent
+            .insert(key, seq, commit.clone(), self.head_seq());
+        store.append(
+            stored.clone(),
+            self.on_committed(stored, tx, Instant::now()),
+        );
+        (seq, commit)
+    }
+
+    /// The store's seq for `sender`'s `client_msg_id` sent after `since`, read on a
+    /// blocking thread: a SQLite read may wait on the disk (or its busy timeout), which
+    /// neither the room's lock nor a runtime worker should.
+    async fn find_sent(
+        &self,
+        store: &Arc<dyn Store>,
+        sender: &str,
+        client_msg_id: &str,
+        since: SystemTime,
+    ) -> Result<Option<u64>, StoreError> {
+        let (store, room, sender, id) = (
+            store.clone(),
+            self.name.clone(),
+            sender.to_owned(),
+            client_msg_id.to_owned(),
+        );
+        tokio::task::spawn_blocking(move || store.find_sent(&room, &sender, &id, since))
+            .await
+            .map_err(|_| StoreError("the idempotency lookup panicked".into()))?
     }
 
     /// What the store calls when `message` is committed: advance the committed seq, publish
@@ -658,9 +785,20 @@ impl Hub {
     ) -> Result<Self, StoreError> {
         let rooms = DashMap::new();
         for record in store.rooms()? {
+            // When its newest stored message was sent: until that is older than the
+            // dedupe window, a send's key may be a retry of a stored one.
+            let last_sent = store
+                .read_before(&record.name, record.head_seq.saturating_add(1), 1)?
+                .first()
+                .map_or(SystemTime::UNIX_EPOCH, crate::store::sent_at);
             rooms.insert(
                 record.name.clone(),
-                Arc::new(Room::new(record, config.ring_capacity, metrics.clone())),
+                Arc::new(Room::new(
+                    record,
+                    last_sent,
+                    config.ring_capacity,
+                    metrics.clone(),
+                )),
             );
         }
         Ok(Self {
@@ -768,6 +906,7 @@ impl Hub {
         };
         let room = Arc::new(Room::new(
             record.clone(),
+            SystemTime::UNIX_EPOCH,
             self.config.ring_capacity,
             self.metrics.clone(),
         ));
@@ -808,7 +947,7 @@ impl Hub {
     ) -> Result<Published, ChatError> {
         let room = self.room(field, &message.room)?;
         room.append(
-            self.store.as_ref(),
+            &self.store,
             &self.limits,
             sender,
             message,
@@ -893,6 +1032,203 @@ mod tests {
             .await;
         assert!(matches!(refused, Err(ChatError::ResourceExhausted { .. })));
         assert_eq!(hub.room("room", "r").unwrap().head_seq(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_retry_of_a_forgotten_send_gets_its_original_seq_from_the_store() {
+        let hub = hub(16);
+        hub.open_room("r", "alice").await.unwrap();
+        assert_eq!(say(&hub, "r", "first").await.seq, 1);
+        for n in 0..RECENT_SENDS + 10 {
+            say(&hub, "r", &n.to_string()).await;
+        }
+        let head = hub.room("room", "r").unwrap().head_seq();
+        assert_eq!(head, RECENT_SENDS as u64 + 11);
+        let retry = say(&hub, "r", "first").await;
+        assert_eq!(
+            retry,
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
+        assert_eq!(hub.room("room", "r").unwrap().head_seq(), head);
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_a_restart_gets_its_original_seq_from_the_store() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let open = |store: Arc<dyn Store>| {
+            let metrics = Arc::new(Metrics::new());
+            let limits =
+                Limits::new(crate::limits::LimitConfig::unlimited(), metrics.clone()).unwrap();
+            Hub::new(
+                store,
+                HubConfig {
+                    ring_capacity: 16,
+                    history_on_join: 3,
+                    dedupe_window: Duration::from_secs(600),
+                },
+                Arc::new(limits),
+                metrics,
+            )
+            .unwrap()
+        };
+        let before = open(store.clone());
+        before.open_room("r", "alice").await.unwrap();
+        assert_eq!(say(&before, "r", "a").await.seq, 1);
+        assert_eq!(say(&before, "r", "b").await.seq, 2);
+        drop(before);
+        let after = open(store);
+        assert_eq!(
+            say(&after, "r", "a").await,
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
+        assert_eq!(say(&after, "r", "c").await.seq, 3);
+    }
+
+    /// A memory store whose idempotency lookups for `slow` wait until the test lets them
+    /// go, as a SQLite read may wait on a busy disk.
+    struct SlowLookups {
+        inner: MemoryStore,
+        /// Told when a lookup for `slow` starts; waited on before it ends.
+        gate: std::sync::Mutex<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
+    }
+
+    impl Store for SlowLookups {
+        fn rooms(&self) -> Result<Vec<RoomRecord>, StoreError> {
+            self.inner.rooms()
+        }
+        fn create_room(&self, room: RoomRecord, done: Committed) {
+            self.inner.create_room(room, done)
+        }
+        fn append(&self, message: ChatMessage, done: Committed) {
+            self.inner.append(message, done)
+        }
+        fn set_topic(&self, room: &str, topic: &str, done: Committed) {
+            self.inner.set_topic(room, topic, done)
+        }
+        fn set_access(&self, room: &str, user: &str, access: Option<Access>, done: Committed) {
+            self.inner.set_access(room, user, access, done)
+        }
+        fn apply_retention(&self, retention: crate::store::Retention, done: Committed) {
+            self.inner.apply_retention(retention, done)
+        }
+        fn read_after(&self, room: &str, after: u64, limit: usize) -> StoreResult {
+            self.inner.read_after(room, after, limit)
+        }
+        fn read_before(&self, room: &str, before: u64, limit: usize) -> StoreResult {
+            self.inner.read_before(room, before, limit)
+        }
+        fn first_seq(&self, room: &str) -> Result<Option<u64>, StoreError> {
+            self.inner.first_seq(room)
+        }
+        fn find_sent(
+            &self,
+            room: &str,
+            sender: &str,
+            id: &str,
+            since: SystemTime,
+        ) -> Result<Option<u64>, StoreError> {
+            if sender == "slow" {
+                let gate = self.gate.lock().unwrap();
+                let _ = gate.0.send(());
+                let _ = gate.1.recv();
+            }
+            self.inner.find_sent(room, sender, id, since)
+        }
+    }
+
+    type StoreResult = Result<Vec<ChatMessage>, StoreError>;
+
+    /// A send whose idempotency key must be looked up in a slow store holds up no one
+    /// else in its room: the lookup runs with the room's lock released.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_idempotency_lookup_holds_up_no_one_else() {
+        let (release, released) = std::sync::mpsc::channel();
+        let (entered, lookup_started) = std::sync::mpsc::channel();
+        let inner = MemoryStore::new();
+        // A room with a message sent just now, as after a restart: every new key must be
+        // looked up in the store.
+        let (done, stored) = on_commit();
+        inner.create_room(
+            RoomRecord {
+                name: "r".into(),
+                topic: String::new(),
+                created_at: SystemTime::now(),
+                created_by: "alice".into(),
+                head_seq: 0,
+                private: false,
+                access: Default::default(),
+            },
+            done,
+        );
+        stored.await.unwrap();
+        let (done, stored) = on_commit();
+        inner.append(
+            ChatMessage::new(ChatMessageRecord {
+                room: "r".into(),
+                seq: 1,
+                sender: "alice".into(),
+                text: "before the restart".into(),
+                kind: 1,
+                client_msg_id: "old".into(),
+                sent_at: Some(now()),
+            }),
+            done,
+        );
+        stored.await.unwrap();
+        let store = SlowLookups {
+            inner,
+            gate: std::sync::Mutex::new((entered, released)),
+        };
+        let metrics = Arc::new(Metrics::new());
+        let limits = Limits::new(crate::limits::LimitConfig::unlimited(), metrics.clone());
+        let hub = Arc::new(
+            Hub::new(
+                Arc::new(store),
+                HubConfig {
+                    ring_capacity: 16,
+                    history_on_join: 3,
+                    dedupe_window: Duration::from_secs(600),
+                },
+                Arc::new(limits.unwrap()),
+                metrics,
+            )
+            .unwrap(),
+        );
+        let send = |hub: Arc<Hub>, sender: &'static str, id: &'static str| async move {
+            let message = Outgoing {
+                room: "r".into(),
+                text: "hi".into(),
+                client_msg_id: id.into(),
+                kind: MessageKind::Text,
+            };
+            hub.publish("room", sender, message).await
+        };
+        let slow = tokio::spawn(send(hub.clone(), "slow", "s1"));
+        // The waits below block this (the test's) thread, not the runtime's workers: if
+        // the room's lock were held through the lookup, bob's send would block a worker
+        // and the wait would fail instead of hanging.
+        let wait = Duration::from_secs(20);
+        lookup_started
+            .recv_timeout(wait)
+            .expect("slow's lookup to start");
+        let (sent, fast) = std::sync::mpsc::channel();
+        tokio::spawn(async move {
+            let _ = sent.send(send(hub, "bob", "b1").await);
+        });
+        let fast = fast
+            .recv_timeout(wait)
+            .expect("bob's send is not held up by slow's lookup")
+            .unwrap();
+        assert_eq!(fast.seq, 2);
+        assert!(!slow.is_finished(), "slow's lookup is still waiting");
+        release.send(()).unwrap();
+        assert_eq!(slow.await.unwrap().unwrap().seq, 3);
     }
 
     async fn next_seq(cursor: &mut Cursor) -> u64 {

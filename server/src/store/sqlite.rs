@@ -14,8 +14,10 @@
 //! **Fail-stop.** If a commit fails (disk full, I/O error), that group and every later
 //! write fail too. Going on would leave holes in a room's seqs.
 //!
-//! **Readers** use their own connections from a small pool; in WAL mode they see the last
-//! committed state and never wait for the writer.
+//! **Readers** use their own connections from a pool of at most [`MAX_READERS`]; in WAL
+//! mode they see the last committed state and never wait for the writer. A read finding
+//! every connection busy waits for one, so a burst of readers cannot open connections
+//! (and file descriptors) without bound.
 //!
 //! **One server per data dir.** The store holds an exclusive lock on `LOCK` in the data
 //! dir; a second server on the same dir is refused at start.
@@ -109,8 +111,8 @@ pub struct SqliteStore {
     writes: Sender<Write>,
     /// The writer thread, joined on close.
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Idle read connections.
-    readers: Mutex<Vec<Connection>>,
+    /// The read connections.
+    readers: Readers,
     /// Held for the store's lifetime: the exclusive lock on the data dir.
     _lock: File,
 }
@@ -147,7 +149,7 @@ impl SqliteStore {
             path,
             writes,
             writer: Mutex::new(Some(writer)),
-            readers: Mutex::new(Vec::new()),
+            readers: Readers::default(),
             _lock: lock,
         })
     }
@@ -163,25 +165,87 @@ impl SqliteStore {
         &self,
         read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let connection = match pooled {
+        let connection = match self.readers.take() {
             Some(connection) => connection,
-            None => {
-                let connection = Connection::open_with_flags(
-                    &self.path,
-                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )?;
-                connection.busy_timeout(std::time::Duration::from_secs(5))?;
-                connection
-            }
+            None => match open_reader(&self.path) {
+                Ok(connection) => connection,
+                Err(error) => {
+                    self.readers.give_back(None);
+                    return Err(error.into());
+                }
+            },
         };
         let result = read(&connection);
-        self.readers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(connection);
+        self.readers.give_back(Some(connection));
         Ok(result?)
     }
+}
+
+/// Most read connections open at once.
+pub const MAX_READERS: usize = 8;
+
+/// The pool of read connections: idle ones, and how many exist.
+#[derive(Default)]
+struct Readers {
+    /// A std `Mutex` and `Condvar`: reads are synchronous, and held for a pop or a push.
+    pool: Mutex<ReaderPool>,
+    /// Signalled when a connection is given back (or a slot freed).
+    returned: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ReaderPool {
+    idle: Vec<Connection>,
+    /// Connections open, idle or in use (or being opened).
+    open: usize,
+}
+
+impl Readers {
+    /// An idle connection, or `None` when the caller should open one (a slot is reserved
+    /// for it); waits while [`MAX_READERS`] are in use.
+    fn take(&self) -> Option<Connection> {
+        // A poisoned lock still guards a consistent pool: each update is one push, pop
+        // or count.
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(connection) = pool.idle.pop() {
+                return Some(connection);
+            }
+            if pool.open < MAX_READERS {
+                pool.open += 1;
+                return None;
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Returns a connection to the pool, or (`None`) frees the slot of one that could not
+    /// be opened.
+    fn give_back(&self, connection: Option<Connection>) {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        match connection {
+            Some(connection) => pool.idle.push(connection),
+            None => pool.open -= 1,
+        }
+        drop(pool);
+        self.returned.notify_one();
+    }
+
+    /// How many connections are open (for tests).
+    #[cfg(test)]
+    fn open(&self) -> usize {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner()).open
+    }
+}
+
+/// A read-only connection to the database at `path`.
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    connection.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(connection)
 }
 
 /// Applies the migrations the database has not seen yet.
@@ -508,7 +572,7 @@ impl Drop for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{sync::atomic::Ordering, time::Duration};
 
     use super::*;
 
@@ -596,6 +660,32 @@ mod tests {
                 .unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn readers_share_a_bounded_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
+        wait(&store, |s, done| s.append(message("r", 1, "a"), done)).unwrap();
+        let most = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 * MAX_READERS {
+                scope.spawn(|| {
+                    for _ in 0..50 {
+                        let read = store.read(|_| {
+                            most.fetch_max(store.readers.open(), Ordering::SeqCst);
+                            Ok(())
+                        });
+                        read.unwrap();
+                        assert_eq!(store.read_after("r", 0, 10).unwrap().len(), 1);
+                    }
+                });
+            }
+        });
+        let most = most.into_inner();
+        assert!(most > 1, "reads ran side by side: {most}");
+        assert!(most <= MAX_READERS, "{most} connections open at once");
     }
 
     #[test]
