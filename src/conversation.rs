@@ -144,6 +144,17 @@ pub enum ConversationEvent {
     Rooms(Vec<pb::RoomInfo>),
     /// A request outside the chat stream failed (e.g. listing rooms).
     Failed(String),
+    /// The answer to [`Conversation::history`]: a page of `room`'s log, in seq order.
+    History {
+        /// The room.
+        room: String,
+        /// Which way the page was read.
+        direction: HistoryDirection,
+        /// The messages, oldest first.
+        messages: Vec<pb::ChatMessage>,
+        /// Whether the log goes on past the page in that direction.
+        more: bool,
+    },
     /// The server refused a message for good (it will not be sent again).
     Refused {
         /// The message's idempotency key, as [`Conversation::say`] returned it.
@@ -153,8 +164,18 @@ pub enum ConversationEvent {
     },
 }
 
+/// Which way [`Conversation::history`] reads a room's log from a seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryDirection {
+    /// Messages before the seq: scrolling back.
+    Older,
+    /// Messages after the seq: coming back down.
+    Newer,
+}
+
 enum Op {
     Send(OutgoingMessage),
+    History(String, HistoryDirection, u64, u32),
     Join(String),
     Leave(String),
     Typing(String, bool),
@@ -273,6 +294,19 @@ impl Conversation {
     /// login; on a live connection, by reconnecting under it (every room is rejoined).
     pub async fn set_nickname(&self, nickname: &str) -> Result<(), ClientError> {
         self.op(Op::Nickname(nickname.to_owned())).await
+    }
+
+    /// Asks for up to `limit` messages of `room` before (or after) `seq`; they arrive as
+    /// [`ConversationEvent::History`].
+    pub async fn history(
+        &self,
+        room: &str,
+        direction: HistoryDirection,
+        seq: u64,
+        limit: u32,
+    ) -> Result<(), ClientError> {
+        self.op(Op::History(room.to_owned(), direction, seq, limit))
+            .await
     }
 
     /// Asks for the server's rooms; they arrive as [`ConversationEvent::Rooms`].
@@ -411,7 +445,7 @@ impl Task {
             Op::Nickname(nickname) => self.rename(nickname),
             // Ephemeral, or needing the server: meaningless later.
             Op::Typing(..) | Op::Ping(_) | Op::SetTopic(..) => {}
-            Op::ListRooms | Op::Moderate(_) => {
+            Op::ListRooms | Op::Moderate(_) | Op::History(..) => {
                 let _ = self.events.try_send(ConversationEvent::Failed(
                     "not connected; try again once connected".into(),
                 ));
@@ -645,6 +679,40 @@ impl Task {
             }
             // The loop reconnects under it: the server has no rename of a live login.
             Op::Nickname(nickname) => self.rename(nickname),
+            Op::History(room, direction, seq, limit) => {
+                // A unary call beside the stream, answered from its own task so that the
+                // stream keeps flowing meanwhile.
+                let rpc = client.rpc();
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let request = pb::GetHistoryRequest {
+                        room: room.clone(),
+                        page_size: i32::try_from(limit).unwrap_or(i32::MAX),
+                        page_token: String::new(),
+                        direction: match direction {
+                            HistoryDirection::Older => pb::HistoryDirection::Backward,
+                            HistoryDirection::Newer => pb::HistoryDirection::Forward,
+                        } as i32,
+                        start_seq: Some(seq),
+                    };
+                    let event = match rpc.clone().get_history(request).await {
+                        Ok(reply) => {
+                            let page = reply.into_inner();
+                            ConversationEvent::History {
+                                room,
+                                direction,
+                                messages: page.messages,
+                                more: !page.next_page_token.is_empty(),
+                            }
+                        }
+                        Err(status) => ConversationEvent::Failed(format!(
+                            "reading {room}'s history failed: {}",
+                            ClientError::from(status)
+                        )),
+                    };
+                    let _ = events.send(event).await;
+                });
+            }
             Op::ListRooms => {
                 // A unary call beside the stream, answered from its own task so that the
                 // stream keeps flowing meanwhile.

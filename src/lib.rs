@@ -22,7 +22,7 @@ mod message;
 
 pub use client::{ChatSender, ChatStream, Client, ClientError, Tls, Unreachable, server_url};
 pub use conversation::{
-    Backoff, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
+    Backoff, ConnectionState, Conversation, ConversationConfig, ConversationEvent, HistoryDirection,
 };
 pub use message::{ChatMessage, ChatMessageRecord, MessageKind};
 

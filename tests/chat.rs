@@ -495,7 +495,7 @@ async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
     );
 }
 
-/// A stream in more rooms than `Cursors` polls directly (each room then wakes it through a
+/// A stream in more rooms than `CursorSet` polls directly (each room then wakes it through a
 /// waker of its own) gets every room's messages once and in order while all of them flood
 /// at once; so does a subscription to as many rooms; and the stream keeps doing so after it
 /// leaves most rooms (direct polling) and joins them again (queued polling).

@@ -104,7 +104,7 @@ async fn pipe_mode_exits_at_once_when_the_nickname_is_taken() {
     assert!(!output.status.success());
     let line = one_line(&output);
     assert!(
-        line.contains(r#"nickname "sam" is in use by another session"#),
+        line.contains(r#"nickname "sam" is in use by someone else"#),
         "{line}"
     );
     // Said in the server's words, not the library's code descriptions.
@@ -216,7 +216,7 @@ async fn the_terminal_client_says_a_refusal_once_and_nick_recovers() {
     for _ in 0..10 {
         let screen = tui.capture();
         assert_eq!(
-            screen.matches("is in use by another session").count(),
+            screen.matches("is in use by someone else").count(),
             1,
             "{screen}"
         );

@@ -221,3 +221,145 @@ impl AsyncWrite for Counted {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering},
+        task::Wake,
+    };
+
+    use futures::StreamExt as _;
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    use super::*;
+
+    /// A counted server side and the plain client side of one loopback connection.
+    async fn pair(max_per_ip: usize) -> (Incoming<TcpListenerStream>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = Incoming::new(
+            TcpListenerStream::new(listener),
+            max_per_ip,
+            Arc::new(Metrics::new()),
+        );
+        let client = TcpStream::connect(addr).await.unwrap();
+        (incoming, client)
+    }
+
+    /// What the peer has received so far, without waiting for more.
+    async fn received(peer: &mut TcpStream) -> Vec<u8> {
+        // Loopback delivers a write at once; a moment covers the scheduler.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 128 * 1024];
+        loop {
+            match peer.try_read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn small_writes_are_gathered_until_a_flush_one_turn_later() {
+        let (mut incoming, mut peer) = pair(8).await;
+        let mut server = incoming.next().await.unwrap().unwrap();
+        for chunk in [&b"one "[..], b"two ", b"three"] {
+            server.write_all(chunk).await.unwrap();
+        }
+        assert!(
+            received(&mut peer).await.is_empty(),
+            "nothing before a flush"
+        );
+
+        // The first poll of a flush lets the scheduler run once (waking itself), the
+        // next writes everything in one go.
+        let wakes = Arc::new(Wakes::default());
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut server).poll_flush(&mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "it asked to run again");
+        assert!(received(&mut peer).await.is_empty(), "still gathered");
+        assert!(matches!(
+            Pin::new(&mut server).poll_flush(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(received(&mut peer).await, b"one two three");
+    }
+
+    #[tokio::test]
+    async fn a_large_write_goes_straight_out() {
+        let (mut incoming, mut peer) = pair(8).await;
+        let mut server = incoming.next().await.unwrap().unwrap();
+        let large = vec![7u8; DIRECT_WRITE];
+        let written = server.write(&large).await.unwrap();
+        assert!(written > 0);
+        assert_eq!(received(&mut peer).await.len(), written, "no flush needed");
+    }
+
+    #[tokio::test]
+    async fn gathering_stops_at_its_limit_and_writes_what_it_holds() {
+        let (mut incoming, mut peer) = pair(8).await;
+        let mut server = incoming.next().await.unwrap().unwrap();
+        let chunk = vec![1u8; 1024];
+        for _ in 0..GATHER_LIMIT / chunk.len() {
+            server.write_all(&chunk).await.unwrap();
+        }
+        assert!(
+            received(&mut peer).await.is_empty(),
+            "exactly at the limit: held"
+        );
+        server.write_all(b"one more").await.unwrap();
+        assert_eq!(
+            received(&mut peer).await.len(),
+            GATHER_LIMIT,
+            "the held bytes went out before more were taken"
+        );
+        server.flush().await.unwrap();
+        assert_eq!(received(&mut peer).await, b"one more");
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_per_address_limit_are_closed_and_slots_come_back() {
+        let (mut incoming, _first_peer) = pair(2).await;
+        let addr = {
+            let first = incoming.next().await.unwrap().unwrap();
+            first.stream.local_addr().unwrap()
+            // `first` closes here: its slot comes back.
+        };
+        let _second_peer = TcpStream::connect(addr).await.unwrap();
+        let second = incoming.next().await.unwrap().unwrap();
+        let _third_peer = TcpStream::connect(addr).await.unwrap();
+        let third = incoming.next().await.unwrap().unwrap();
+        // The fourth is over the limit of two: closed unserved.
+        let mut fourth_peer = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            tokio::select! {
+                read = fourth_peer.read(&mut buf) => read,
+                _ = incoming.next() => panic!("a connection over the limit was served"),
+            }
+        })
+        .await
+        .expect("the fourth connection is closed");
+        assert!(matches!(closed, Ok(0) | Err(_)), "closed: {closed:?}");
+        drop((second, third));
+        let _fifth_peer = TcpStream::connect(addr).await.unwrap();
+        assert!(incoming.next().await.unwrap().is_ok(), "slots came back");
+    }
+}

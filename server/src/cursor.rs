@@ -31,7 +31,7 @@ use crate::{
 /// Messages read from the store at a time when replaying.
 const REPLAY_CHUNK: usize = 256;
 
-/// A cursor as a stream; a session keeps one per room in its [`crate::cursors::Cursors`].
+/// A cursor as a stream; a session keeps one per room in its [`crate::cursor_set::CursorSet`].
 pub type DeliveryStream = Pin<Box<dyn Stream<Item = Result<Delivery, ChatError>> + Send>>;
 
 /// What a cursor yields.
@@ -174,7 +174,7 @@ impl Cursor {
         Ok(None)
     }
 
-    /// The cursor as a stream, for reading many rooms at once with [`crate::cursors::Cursors`].
+    /// The cursor as a stream, for reading many rooms at once with [`crate::cursor_set::CursorSet`].
     pub fn into_stream(self) -> DeliveryStream {
         Box::pin(futures::stream::unfold(Some(self), |cursor| async move {
             let mut cursor = cursor?;

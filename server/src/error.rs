@@ -90,7 +90,7 @@ pub enum ChatError {
     #[error("room {} already exists", quote(.0))]
     RoomExists(String),
     /// Another live session holds the nickname: ALREADY_EXISTS.
-    #[error("nickname {} is in use by another session", quote(.0))]
+    #[error("nickname {} is in use by someone else", quote(.0))]
     NicknameTaken(String),
     /// The nickname looks like one another live session holds: ALREADY_EXISTS.
     #[error(

@@ -35,7 +35,7 @@ use crate::{
     limits::Limits,
     metrics::Metrics,
     nickname,
-    store::{Access, Committed, RoomRecord, Store, StoreError, on_commit},
+    store::{Access, Committed, RoomRecord, SentKey, Store, StoreError, on_commit},
     validate::Outgoing,
 };
 
@@ -150,32 +150,55 @@ type Commit = Shared<oneshot::Receiver<Result<(), StoreError>>>;
 /// Recent `(sender, client_msg_id)` → seq, oldest first, and what has been forgotten.
 ///
 /// Every key of this process's sends is here until it is forgotten (oldest first, and only
-/// once its message is committed); every other key is in the store. `forgotten_through`
-/// says which: a key not here can only be a stored one with a seq at or below it. So a
-/// send whose key is not here needs the store only while such a key could still be within
-/// the dedupe window, and that lookup is exact once the store has committed everything up
-/// to `forgotten_through` (see [`Room::append`]).
+/// once its message is committed); every other key is in the store. Of the keys in the
+/// store that are still within the dedupe window (at start: all of them; later: the
+/// forgotten ones) a fingerprint is kept, so that a new key, whose fingerprint is not
+/// among them, needs no store read at all; a matching fingerprint (a retry, or rarely a
+/// collision) is looked up. `forgotten_through` makes that lookup exact (see
+/// [`Room::append`]): every key with a higher seq is here.
 #[derive(Debug)]
 struct RecentSends {
     by_key: HashMap<(String, String), (u64, SystemTime, Commit)>,
     order: VecDeque<(String, String)>,
     /// Every key with a seq above this is in `by_key` (or was never sent).
     forgotten_through: u64,
-    /// When the newest forgotten message was sent: once it is older than the dedupe
-    /// window, no forgotten key can be a retry, and the store is not asked.
-    forgotten_sent: SystemTime,
+    /// Fingerprints of the stored keys within the window, oldest first, with when their
+    /// message was sent (to let them go as the window moves on).
+    fingerprints: VecDeque<(SystemTime, u64)>,
+    /// How many of `fingerprints` have each value.
+    counts: HashMap<u64, u32>,
+    /// Keyed per room, so that no one can aim collisions at it.
+    hasher: std::hash::RandomState,
 }
 
 impl RecentSends {
-    /// Nothing recent; the store holds the room's messages up to `stored_through`, the
-    /// newest sent at `last_sent`.
-    fn new(stored_through: u64, last_sent: SystemTime) -> Self {
-        Self {
+    /// Nothing recent; the store holds the room's messages up to `stored_through`, those
+    /// sent within the window with `stored` keys (in any order).
+    fn new(stored_through: u64, mut stored: Vec<SentKey>) -> Self {
+        let mut recent = Self {
             by_key: HashMap::new(),
             order: VecDeque::new(),
             forgotten_through: stored_through,
-            forgotten_sent: last_sent,
+            fingerprints: VecDeque::new(),
+            counts: HashMap::new(),
+            hasher: std::hash::RandomState::new(),
+        };
+        stored.sort_by_key(|key| key.sent_at);
+        for key in stored {
+            let fingerprint = recent.fingerprint(&key.sender, &key.client_msg_id);
+            recent.remember(key.sent_at, fingerprint);
         }
+        recent
+    }
+
+    fn fingerprint(&self, sender: &str, client_msg_id: &str) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.hasher.hash_one((sender, client_msg_id))
+    }
+
+    fn remember(&mut self, sent: SystemTime, fingerprint: u64) {
+        self.fingerprints.push_back((sent, fingerprint));
+        *self.counts.entry(fingerprint).or_insert(0) += 1;
     }
 
     fn get(&self, key: &(String, String), since: SystemTime) -> Option<(u64, Commit)> {
@@ -183,9 +206,24 @@ impl RecentSends {
         (*sent >= since).then(|| (*seq, commit.clone()))
     }
 
-    /// Whether a key not here may be in the store as a send after `since`.
-    fn may_be_stored(&self, since: SystemTime) -> bool {
-        self.forgotten_through > 0 && self.forgotten_sent >= since
+    /// Whether `key`, not here, may be in the store as a send after `since`; lets go of
+    /// the fingerprints older than that.
+    fn may_be_stored(&mut self, key: &(String, String), since: SystemTime) -> bool {
+        while let Some((sent, fingerprint)) = self.fingerprints.front().copied()
+            && sent < since
+        {
+            self.fingerprints.pop_front();
+            if let std::collections::hash_map::Entry::Occupied(mut count) =
+                self.counts.entry(fingerprint)
+            {
+                *count.get_mut() -= 1;
+                if *count.get() == 0 {
+                    count.remove();
+                }
+            }
+        }
+        let fingerprint = self.fingerprint(&key.0, &key.1);
+        self.counts.contains_key(&fingerprint)
     }
 
     fn insert(&mut self, key: (String, String), seq: u64, commit: Commit, committed: u64) {
@@ -206,7 +244,8 @@ impl RecentSends {
                 && let Some((seq, sent, _)) = self.by_key.remove(&oldest)
             {
                 self.forgotten_through = self.forgotten_through.max(seq);
-                self.forgotten_sent = self.forgotten_sent.max(sent);
+                let fingerprint = self.fingerprint(&oldest.0, &oldest.1);
+                self.remember(sent, fingerprint);
             }
         }
     }
@@ -231,15 +270,15 @@ fn now() -> prost_types::Timestamp {
 
 impl Room {
     /// A room as `record` describes it; its log holds messages up to `record.head_seq`,
-    /// the newest sent at `last_sent`.
+    /// those within the dedupe window sent with `stored` keys.
     fn new(
         record: RoomRecord,
-        last_sent: SystemTime,
+        stored: Vec<SentKey>,
         ring_capacity: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         let (events, _) = broadcast::channel(ring_capacity);
-        let recent = RecentSends::new(record.head_seq, last_sent);
+        let recent = RecentSends::new(record.head_seq, stored);
         Self {
             name: record.name.clone(),
             private: record.private,
@@ -407,7 +446,7 @@ impl Room {
                     }
                     let exact = looked_up
                         .is_some_and(|committed| state.recent.forgotten_through <= committed);
-                    if !exact && state.recent.may_be_stored(since) {
+                    if !exact && state.recent.may_be_stored(&key, since) {
                         Step::Lookup {
                             committed: self.head_seq(),
                         }
@@ -785,17 +824,14 @@ impl Hub {
     ) -> Result<Self, StoreError> {
         let rooms = DashMap::new();
         for record in store.rooms()? {
-            // When its newest stored message was sent: until that is older than the
-            // dedupe window, a send's key may be a retry of a stored one.
-            let last_sent = store
-                .read_before(&record.name, record.head_seq.saturating_add(1), 1)?
-                .first()
-                .map_or(SystemTime::UNIX_EPOCH, crate::store::sent_at);
+            // The keys a send may repeat: those stored within the dedupe window.
+            let stored =
+                store.sent_since(&record.name, SystemTime::now() - config.dedupe_window)?;
             rooms.insert(
                 record.name.clone(),
                 Arc::new(Room::new(
                     record,
-                    last_sent,
+                    stored,
                     config.ring_capacity,
                     metrics.clone(),
                 )),
@@ -906,7 +942,7 @@ impl Hub {
         };
         let room = Arc::new(Room::new(
             record.clone(),
-            SystemTime::UNIX_EPOCH,
+            Vec::new(),
             self.config.ring_capacity,
             self.metrics.clone(),
         ));
@@ -1126,6 +1162,9 @@ mod tests {
         fn first_seq(&self, room: &str) -> Result<Option<u64>, StoreError> {
             self.inner.first_seq(room)
         }
+        fn sent_since(&self, room: &str, since: SystemTime) -> Result<Vec<SentKey>, StoreError> {
+            self.inner.sent_since(room, since)
+        }
         fn find_sent(
             &self,
             room: &str,
@@ -1144,15 +1183,16 @@ mod tests {
 
     type StoreResult = Result<Vec<ChatMessage>, StoreError>;
 
-    /// A send whose idempotency key must be looked up in a slow store holds up no one
-    /// else in its room: the lookup runs with the room's lock released.
+    /// A retry whose idempotency key must be looked up in a slow store holds up no one
+    /// else in its room: the lookup runs with the room's lock released (and a new key,
+    /// whose fingerprint matches no stored one, is not looked up at all).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_idempotency_lookup_holds_up_no_one_else() {
         let (release, released) = std::sync::mpsc::channel();
         let (entered, lookup_started) = std::sync::mpsc::channel();
         let inner = MemoryStore::new();
-        // A room with a message sent just now, as after a restart: every new key must be
-        // looked up in the store.
+        // A room with a message `slow` sent just now, as after a restart: its retry must
+        // be looked up in the store.
         let (done, stored) = on_commit();
         inner.create_room(
             RoomRecord {
@@ -1172,10 +1212,10 @@ mod tests {
             ChatMessage::new(ChatMessageRecord {
                 room: "r".into(),
                 seq: 1,
-                sender: "alice".into(),
+                sender: "slow".into(),
                 text: "before the restart".into(),
                 kind: 1,
-                client_msg_id: "old".into(),
+                client_msg_id: "s1".into(),
                 sent_at: Some(now()),
             }),
             done,
@@ -1228,7 +1268,13 @@ mod tests {
         assert_eq!(fast.seq, 2);
         assert!(!slow.is_finished(), "slow's lookup is still waiting");
         release.send(()).unwrap();
-        assert_eq!(slow.await.unwrap().unwrap().seq, 3);
+        assert_eq!(
+            slow.await.unwrap().unwrap(),
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
     }
 
     async fn next_seq(cursor: &mut Cursor) -> u64 {

@@ -3,33 +3,40 @@
 //! How a message travels, and where each part lives:
 //!
 //! ```text
-//! accept ─► auth (interceptor) ─► service ─► session task per Chat stream
+//! accept ─► auth (interceptor) ─► rpc ─► session task per Chat stream
 //!                                              │ commands ─► hub ─► room { seq, ring }
 //!                                              │                       │ append ─► store
 //!                                              ◄─ outbound ◄─ cursor per joined room
 //! ```
 //!
-//! * [`server::run`] wires everything on a listener and drains on shutdown.
-//! * [`auth`]: tokens, nickname claims and the interceptor.
-//! * [`service`]: the `chat.v1.ChatService` handlers.
-//! * [`session`]: the task behind one `Chat` stream.
+//! * [`server`]: [`server::Ready::open`] checks the settings and opens the store;
+//!   [`server::Ready::serve`] wires everything on a listener and drains on shutdown
+//!   ([`server::run`] does both).
+//! * [`config`]: every flag, with its environment variable and default.
+//! * [`auth`]: who is calling: session tokens, nickname claims, identity-provider tokens,
+//!   the interceptor.
+//! * [`nickname`]: what a nickname is (PRECIS), when two are the same, look-alikes.
+//! * [`rpc`]: the `chat.v1.ChatService` handlers.
+//! * [`session`]: the task behind one `Chat` stream; the one place a client frame is
+//!   applied.
 //! * [`hub`]: rooms, seqs, members, the fan-out ring.
 //! * [`cursor`]: one reader in one room: replay, live, catch-up; no gaps, no duplicates.
+//! * [`cursor_set`]: the cursors of every room a stream reads, polled by readiness.
 //! * [`outbound`]: the sending half of a server stream, and how a stream ends.
-//! * [`store`]: the storage engine behind the hub.
+//! * [`store`]: the storage engine behind the hub (SQLite, or memory).
 //! * [`connection`]: accepted connections: counted per address, small writes coalesced.
 //! * [`limits`]: flood control (send rate, room creation, connections, streams, rooms).
 //! * [`metrics`]: the Prometheus figures and their endpoint.
 //! * [`validate`], [`pagination`], [`error`]: checks of client input and how failures
-//!   become gRPC statuses.
+//!   become gRPC statuses (quoting a client's values cut short).
 //!
-//! `main.rs` only parses flags, sets up logging, binds and calls [`server::run`].
+//! `main.rs` only parses flags, sets up logging, binds, opens the server and serves.
 
 pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod cursor;
-pub mod cursors;
+pub mod cursor_set;
 pub mod error;
 pub mod hub;
 pub mod limits;
@@ -37,8 +44,8 @@ pub mod metrics;
 pub mod nickname;
 pub mod outbound;
 pub mod pagination;
+pub mod rpc;
 pub mod server;
-pub mod service;
 pub mod session;
 pub mod store;
 pub mod validate;

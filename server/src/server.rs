@@ -27,7 +27,7 @@ use crate::{
     hub::{Hub, HubConfig},
     limits::Limits,
     metrics::Metrics,
-    service::ChatServer,
+    rpc::ChatServer,
     store::{MemoryStore, SqliteStore, Store, StoreError, on_commit},
 };
 

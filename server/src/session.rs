@@ -21,7 +21,7 @@ use tonic::Streaming;
 use crate::{
     auth::{Identity, StreamClaim},
     cursor::{Delivery, DeliveryStream},
-    cursors::Cursors,
+    cursor_set::CursorSet,
     error::{ChatError, quote},
     hub::{Hub, Moderation, Presence, Removal, RoomEvent},
     limits::StreamGuard,
@@ -81,7 +81,7 @@ impl Session {
         out: Outbound<ChatResponse>,
     ) -> impl Future<Output = ()> + Send {
         async move {
-            let mut cursors = Cursors::default();
+            let mut cursors = CursorSet::default();
             let end = self.serve(&mut inbound, &out, &mut cursors).await;
             tracing::debug!(?end, "chat stream ended");
             // Leave every room before the final words, so presence is prompt even when the
@@ -97,7 +97,7 @@ impl Session {
         &mut self,
         inbound: &mut Streaming<ChatRequest>,
         out: &Outbound<ChatResponse>,
-        cursors: &mut Cursors,
+        cursors: &mut CursorSet,
     ) -> End {
         // Made once and kept: a wait registered anew on every turn of the loop would cost
         // two registrations and two removals per delivery.
@@ -139,7 +139,7 @@ impl Session {
         room: Arc<str>,
         delivery: Delivery,
         out: &Outbound<ChatResponse>,
-        cursors: &mut Cursors,
+        cursors: &mut CursorSet,
     ) -> Result<(), End> {
         if let Delivery::Removed(removal) = &delivery {
             self.put_out(&room, removal, cursors);
@@ -154,7 +154,7 @@ impl Session {
     async fn deliver_ready(
         &mut self,
         out: &Outbound<ChatResponse>,
-        cursors: &mut Cursors,
+        cursors: &mut CursorSet,
     ) -> Result<(), End> {
         for _ in 0..DELIVERY_BATCH {
             if !out.has_room() {
@@ -176,7 +176,7 @@ impl Session {
         &mut self,
         frame: ChatRequest,
         out: &Outbound<ChatResponse>,
-        cursors: &mut Cursors,
+        cursors: &mut CursorSet,
     ) -> Result<(), End> {
         let request_id = frame.request_id;
         let Some(command) = frame.command else {
@@ -282,7 +282,7 @@ impl Session {
         Ok((joined, join.room, Box::pin(deliveries)))
     }
 
-    fn leave(&mut self, room: &str, cursors: &mut Cursors) -> Result<String, ChatError> {
+    fn leave(&mut self, room: &str, cursors: &mut CursorSet) -> Result<String, ChatError> {
         self.joined("room", room)?;
         cursors.remove(room);
         self.rooms.remove(room);
@@ -347,7 +347,7 @@ impl Session {
     }
 
     /// Leaves `room` because its owner put this user out.
-    fn put_out(&mut self, room: &str, removal: &Removal, cursors: &mut Cursors) {
+    fn put_out(&mut self, room: &str, removal: &Removal, cursors: &mut CursorSet) {
         tracing::info!(room, by = %removal.by, reason = ?removal.reason, "put out of a room");
         cursors.remove(room);
         self.rooms.remove(room);
@@ -385,7 +385,7 @@ enum Step {
 /// ready); the stream's end or failure ends the session.
 async fn next_step(
     inbound: &mut Streaming<ChatRequest>,
-    cursors: &mut Cursors,
+    cursors: &mut CursorSet,
 ) -> Result<Step, End> {
     tokio::select! {
         frame = inbound.message() => match frame {

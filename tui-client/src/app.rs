@@ -5,12 +5,12 @@
 //! loop stays responsive whatever the network does.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use confab::{
-    ConnectionState, ConversationEvent,
+    ConnectionState, ConversationEvent, HistoryDirection,
     pb::{self, PresenceKind, chat_response::Event as ServerEvent},
 };
 use crossterm::event::{KeyCode, KeyEvent, KeyModifiers, MouseEventKind};
@@ -20,6 +20,7 @@ use crate::{
     command::{self, COMMANDS, Command},
     event::Event,
     input::Input,
+    scrollback::{self, Detached, Older},
 };
 
 /// How often typing notices are repeated while typing.
@@ -64,6 +65,12 @@ pub enum Effect {
     },
     /// Chat under another nickname from now on.
     Nick(String),
+    /// Read a page of `room`'s log before or after `seq` (scrolling past what is held).
+    History {
+        room: String,
+        direction: HistoryDirection,
+        seq: u64,
+    },
 }
 
 /// One line of a room's scrollback.
@@ -107,6 +114,25 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The seq of a message (other entries are not in the room's log).
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Entry::Message { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+
+    /// A message of the room's log as an entry.
+    pub(crate) fn message(message: &pb::ChatMessage) -> Self {
+        Entry::Message {
+            seq: message.seq,
+            at: timestamp(message.sent_at),
+            from: message.sender.clone(),
+            text: message.text.clone(),
+            action: message.kind() == pb::MessageKind::Action,
+        }
+    }
+
     /// When it happened, for timestamps and day separators (notices have none).
     pub fn at(&self) -> Option<SystemTime> {
         match self {
@@ -127,8 +153,12 @@ pub struct RoomView {
     pub topic: String,
     /// Who is present.
     pub members: BTreeSet<String>,
-    /// The scrollback.
-    pub entries: Vec<Entry>,
+    /// The scrollback held in memory (at most the app's cap; see `scrollback.rs`).
+    pub entries: VecDeque<Entry>,
+    /// Whether the server has older messages than the oldest held.
+    pub older: Older,
+    /// Set while the view is so far back that the live tail is not held.
+    pub detached: Option<Detached>,
     /// Messages that arrived while another room was shown.
     pub unread: usize,
     /// Index of the first entry not read when the room was last shown (the read marker).
@@ -190,6 +220,8 @@ pub struct App {
     pub quit: bool,
     /// No server was named: a refused connection comes with advice on starting one.
     pub advise_on_refusal: bool,
+    /// Entries each room holds in memory.
+    pub scrollback: usize,
 }
 
 impl App {
@@ -211,6 +243,7 @@ impl App {
             typing_sent: None,
             quit: false,
             advise_on_refusal: false,
+            scrollback: scrollback::SCROLLBACK,
         }
     }
 
@@ -242,22 +275,16 @@ impl App {
                     .insert(&text.replace("\r\n", "\n").replace('\r', "\n"));
                 self.typing_started()
             }
-            Event::Mouse(mouse) => {
-                match mouse.kind {
-                    MouseEventKind::ScrollUp => self.scroll_up(3),
-                    MouseEventKind::ScrollDown => self.scroll_down(3),
-                    _ => {}
-                }
-                Vec::new()
-            }
+            Event::Mouse(mouse) => match mouse.kind {
+                MouseEventKind::ScrollUp => self.scroll_up(3),
+                MouseEventKind::ScrollDown => self.scroll_down(3),
+                _ => Vec::new(),
+            },
             Event::Resize(width, height) => {
                 self.size = (width, height);
                 Vec::new()
             }
-            Event::Net(event) => {
-                self.net(event);
-                Vec::new()
-            }
+            Event::Net(event) => self.net(event),
             Event::Tick(now) => self.tick(now),
         }
     }
@@ -302,8 +329,8 @@ impl App {
             KeyCode::End => self.input.end(),
             KeyCode::Up => self.input.previous(),
             KeyCode::Down => self.input.next(),
-            KeyCode::PageUp => self.scroll_up(self.page()),
-            KeyCode::PageDown => self.scroll_down(self.page()),
+            KeyCode::PageUp => return self.scroll_up(self.page()),
+            KeyCode::PageDown => return self.scroll_down(self.page()),
             KeyCode::Tab => self.complete(),
             KeyCode::Enter => return self.submit(),
             _ => {}
@@ -327,19 +354,41 @@ impl App {
         room.unread = 0;
     }
 
-    fn scroll_up(&mut self, by: usize) {
+    fn scroll_up(&mut self, by: usize) -> Vec<Effect> {
         if let Some(room) = self.rooms.get_mut(self.active) {
             room.scroll = (room.scroll + by).min(room.entries.len().saturating_sub(1));
         }
+        self.history_wanted()
     }
 
-    fn scroll_down(&mut self, by: usize) {
+    fn scroll_down(&mut self, by: usize) -> Vec<Effect> {
         if let Some(room) = self.rooms.get_mut(self.active) {
             room.scroll = room.scroll.saturating_sub(by);
-            if room.scroll == 0 {
+            if room.scroll == 0 && room.detached.is_none() {
                 room.new_below = 0;
             }
         }
+        self.history_wanted()
+    }
+
+    /// The pages of history the room shown needs, its view being near an end of what it
+    /// holds.
+    fn history_wanted(&mut self) -> Vec<Effect> {
+        let page = self.page();
+        let Some(room) = self.rooms.get_mut(self.active) else {
+            return Vec::new();
+        };
+        let older = scrollback::wants_older(room, page).map(|seq| (HistoryDirection::Older, seq));
+        let newer = scrollback::wants_newer(room, page).map(|seq| (HistoryDirection::Newer, seq));
+        older
+            .into_iter()
+            .chain(newer)
+            .map(|(direction, seq)| Effect::History {
+                room: room.name.clone(),
+                direction,
+                seq,
+            })
+            .collect()
     }
 
     /// Tab: completes a command at the start of the line, else a nickname in the room.
@@ -538,10 +587,11 @@ impl App {
         if self.rooms.is_empty() {
             self.rooms.push(RoomView::new("(no room)"));
         }
-        push(&mut self.rooms[index], entry, true);
+        let cap = self.scrollback;
+        push(&mut self.rooms[index], entry, true, cap);
     }
 
-    fn net(&mut self, event: ConversationEvent) {
+    fn net(&mut self, event: ConversationEvent) -> Vec<Effect> {
         match event {
             ConversationEvent::Connection(state) => self.connection_changed(state),
             ConversationEvent::Server(response) => {
@@ -557,9 +607,35 @@ impl App {
                     .join(", ");
                 self.notice(Entry::Info(format!("rooms: {list}")));
             }
-            ConversationEvent::Failed(reason) => self.notice(Entry::Error(reason)),
+            ConversationEvent::Failed(reason) => {
+                // Whatever failed, a page of history asked for may be asked for again.
+                for room in &mut self.rooms {
+                    scrollback::page_failed(room);
+                }
+                self.notice(Entry::Error(reason));
+            }
             ConversationEvent::Refused { error, .. } => self.refused(error),
+            ConversationEvent::History {
+                room,
+                direction,
+                messages,
+                more,
+            } => {
+                let cap = self.scrollback;
+                let Some(view) = self.room_mut(&room) else {
+                    return Vec::new();
+                };
+                let page = messages.iter().map(Entry::message).collect();
+                match direction {
+                    HistoryDirection::Older => scrollback::older_page(view, page, more, cap),
+                    HistoryDirection::Newer => scrollback::newer_page(view, page, more, cap),
+                }
+                if self.active_name().as_deref() == Some(room.as_str()) {
+                    return self.history_wanted();
+                }
+            }
         }
+        Vec::new()
     }
 
     fn connection_changed(&mut self, state: ConnectionState) {
@@ -607,25 +683,27 @@ impl App {
                     room.joined = true;
                     room.topic = info.topic;
                     room.members = joined.members.into_iter().collect();
+                    // The join replays from a seq: what is before it can be read back.
+                    let held_from = room.entries.iter().find_map(Entry::seq);
+                    if joined.replay_from_seq > 1
+                        && room.older == Older::None
+                        && held_from.is_none_or(|seq| seq > 1)
+                    {
+                        room.older = Older::Available;
+                    }
                 }
             }
             ServerEvent::Message(message) => {
-                let action = message.kind() == pb::MessageKind::Action;
+                let cap = self.scrollback;
                 let Some(room) = self.room_mut(&message.room) else {
                     return;
                 };
                 room.typing.remove(&message.sender);
-                let entry = Entry::Message {
-                    seq: message.seq,
-                    at: timestamp(message.sent_at),
-                    from: message.sender.clone(),
-                    text: message.text.clone(),
-                    action,
-                };
                 let visible = shown.as_deref() == Some(message.room.as_str());
-                push(room, entry, visible);
+                push(room, Entry::message(&message), visible, cap);
             }
             ServerEvent::Presence(presence) => {
+                let cap = self.scrollback;
                 let joined = presence.kind() == PresenceKind::Joined;
                 let Some(room) = self.room_mut(&presence.room) else {
                     return;
@@ -642,7 +720,7 @@ impl App {
                     joined,
                 };
                 let visible = shown.as_deref() == Some(presence.room.as_str());
-                push_quiet(room, entry, visible);
+                push_quiet(room, entry, visible, cap);
             }
             ServerEvent::Typing(typing) => {
                 let now = self.now;
@@ -656,7 +734,7 @@ impl App {
             }
             ServerEvent::RoomUpdated(update) => {
                 let Some(info) = update.room else { return };
-                let now = self.now;
+                let (now, cap) = (self.now, self.scrollback);
                 let visible = shown.as_deref() == Some(info.name.as_str());
                 if let Some(room) = self.room_mut(&info.name) {
                     room.topic = info.topic.clone();
@@ -665,16 +743,17 @@ impl App {
                         by: update.updated_by,
                         topic: info.topic,
                     };
-                    push_quiet(room, entry, visible);
+                    push_quiet(room, entry, visible, cap);
                 }
             }
             ServerEvent::Gap(gap) => {
+                let cap = self.scrollback;
                 if let Some(room) = self.room_mut(&gap.room) {
                     let entry = Entry::Info(format!(
                         "messages {}–{} are no longer stored",
                         gap.from_seq, gap.to_seq
                     ));
-                    push_quiet(room, entry, true);
+                    push_quiet(room, entry, true, cap);
                 }
             }
             ServerEvent::Error(error) => self.refused(error),
@@ -694,6 +773,7 @@ impl App {
                 } else {
                     format!(": {}", left.message)
                 };
+                let cap = self.scrollback;
                 if let Some(room) = self.room_mut(&left.room) {
                     room.joined = false;
                     room.members.clear();
@@ -701,7 +781,7 @@ impl App {
                         "you were {how} {} by {}{because}",
                         left.room, left.by
                     ));
-                    push_quiet(room, entry, true);
+                    push_quiet(room, entry, true, cap);
                 }
             }
             ServerEvent::ModerationDone(done) => {
@@ -737,20 +817,16 @@ impl App {
 }
 
 /// Adds a message-like entry: counts as unread when not shown, keeps a scrolled view still.
-fn push(room: &mut RoomView, entry: Entry, visible: bool) {
+fn push(room: &mut RoomView, entry: Entry, visible: bool, cap: usize) {
     if !visible && matches!(entry, Entry::Message { .. }) {
         room.unread += 1;
     }
-    push_quiet(room, entry, visible);
+    push_quiet(room, entry, visible, cap);
 }
 
 /// Adds an entry without counting it unread.
-fn push_quiet(room: &mut RoomView, entry: Entry, visible: bool) {
-    room.entries.push(entry);
-    if visible && room.scroll > 0 {
-        room.scroll += 1;
-        room.new_below += 1;
-    }
+fn push_quiet(room: &mut RoomView, entry: Entry, visible: bool, cap: usize) {
+    scrollback::push_live(room, entry, visible, cap);
 }
 
 fn timestamp(at: Option<prost_types::Timestamp>) -> SystemTime {
@@ -1127,9 +1203,9 @@ pub(crate) mod tests {
         let room = &app.rooms[0];
         assert!(!room.joined && room.members.is_empty());
         assert!(
-            matches!(room.entries.last(), Some(Entry::Error(e)) if e == "you were banned from lobby by bob: spam"),
+            matches!(room.entries.back(), Some(Entry::Error(e)) if e == "you were banned from lobby by bob: spam"),
             "{:?}",
-            room.entries.last()
+            room.entries.back()
         );
         assert_eq!(
             type_line(&mut app, "/join lobby").last(),

@@ -8,6 +8,7 @@ mod demo;
 mod event;
 mod input;
 mod pipe;
+mod scrollback;
 mod terminal;
 mod ui;
 
@@ -61,6 +62,9 @@ struct Cli {
         global = true
     )]
     rooms: Vec<String>,
+    /// Lines of each room kept in memory; scrolling further back reads the server's history.
+    #[arg(long, env = "CONFAB_SCROLLBACK", default_value_t = scrollback::SCROLLBACK, value_parser = clap::value_parser!(usize), global = true)]
+    scrollback: usize,
     /// Pipe mode: each stdin line is a message; every event is a JSON line on stdout.
     #[arg(long)]
     pipe: bool,
@@ -140,7 +144,7 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
         };
         let room = cli.rooms.first().cloned().unwrap_or_else(|| "lobby".into());
         demo::start_users(&config.server, &room, users);
-        return chat(config, false).await;
+        return chat(config, false, cli.scrollback).await;
     }
     if cli.pipe {
         let room = cli
@@ -150,12 +154,16 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
             .context("--pipe needs a --room")?;
         return pipe::run(config, &room, cli.follow, cli.connect_timeout).await;
     }
-    chat(config, cli.server.is_none()).await
+    chat(config, cli.server.is_none(), cli.scrollback).await
 }
 
 /// The full-screen client; `default_server`: no server was named, so a refused connection
 /// comes with advice on starting one.
-async fn chat(config: ConversationConfig, default_server: bool) -> anyhow::Result<()> {
+async fn chat(
+    config: ConversationConfig,
+    default_server: bool,
+    scrollback: usize,
+) -> anyhow::Result<()> {
     let (conversation, net) = Conversation::start(config.clone());
     let mut terminal = terminal::init().context("cannot take over the terminal")?;
     let size = terminal
@@ -165,6 +173,8 @@ async fn chat(config: ConversationConfig, default_server: bool) -> anyhow::Resul
     let mut app = App::new(&config.nickname, &config.rooms, SystemTime::now(), size);
     app.offset = *chrono::Local::now().offset();
     app.advise_on_refusal = default_server;
+    // Too few lines to page through is no scrollback at all.
+    app.scrollback = scrollback.max(100);
     let result = run(&mut terminal, &mut app, conversation, net).await;
     terminal::restore();
     result
@@ -238,6 +248,15 @@ async fn perform(conversation: Conversation, mut effects: mpsc::UnboundedReceive
             Effect::Kick { room, user, reason } => conversation.kick(&room, &user, &reason).await,
             Effect::Ban { room, user, reason } => conversation.ban(&room, &user, &reason).await,
             Effect::Nick(nickname) => conversation.set_nickname(&nickname).await,
+            Effect::History {
+                room,
+                direction,
+                seq,
+            } => {
+                conversation
+                    .history(&room, direction, seq, scrollback::HISTORY_PAGE)
+                    .await
+            }
         };
         if done.is_err() {
             return;

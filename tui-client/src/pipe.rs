@@ -152,6 +152,8 @@ fn json_line(event: &ConversationEvent) -> Option<Value> {
             json!({"kind": "rooms", "rooms": rooms.iter().map(|r| r.name.clone()).collect::<Vec<_>>()})
         }
         ConversationEvent::Failed(reason) => json!({"kind": "error", "text": reason}),
+        // Pipe mode asks for no history pages.
+        ConversationEvent::History { .. } => return None,
         ConversationEvent::Refused {
             client_msg_id,
             error,

@@ -310,7 +310,7 @@ fn messages(app: &App, room: &RoomView, area: Rect, buf: &mut Buffer) {
         let mut lines = Vec::new();
         if let Some(at) = entry.at() {
             let date = local(app, at).date_naive();
-            let previous = room.entries[..index].iter().rev().find_map(Entry::at);
+            let previous = room.entries.range(..index).rev().find_map(Entry::at);
             if previous.is_none_or(|p| local(app, p).date_naive() != date) {
                 lines.push(day_separator(date, width));
             }

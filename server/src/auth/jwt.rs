@@ -80,10 +80,7 @@ impl JwtVerifier {
             .claims;
         let nickname = crate::validate::nickname("sub", &claims.sub)
             .map_err(|v| JwtError::BadSubject(v.description))?;
-        let identity = Identity {
-            nickname,
-            session: 0,
-        };
+        let identity = Identity { nickname, login: 0 };
         Ok((identity, UNIX_EPOCH + Duration::from_secs(claims.exp)))
     }
 }

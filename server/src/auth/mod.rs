@@ -1,11 +1,11 @@
 //! Identity: who is calling, and how they prove it.
 //!
 //! * [`tokens`]: `Login` claims a nickname and returns a session token `<payload>.<mac>`:
-//!   the payload names the nickname, a session id and an expiry, and the MAC is
+//!   the payload names the nickname, a login id and an expiry, and the MAC is
 //!   HMAC-SHA256 under the server's key (kept in the data dir), so a token cannot be
 //!   forged or altered.
-//! * [`nicknames`]: a nickname belongs to one login session at a time. It stays claimed
-//!   while the session has a stream open and for a lease after its last call, so a client
+//! * [`nicknames`]: a nickname belongs to one login at a time. It stays claimed
+//!   while the login has a stream open and for a lease after its last call, so a client
 //!   that drops off and comes back in time (presenting its old token to `Login`) gets its
 //!   nickname back, while someone else trying it, or a look-alike of it, meanwhile gets
 //!   ALREADY_EXISTS.
@@ -36,8 +36,10 @@ pub use tokens::{TokenError, Tokens};
 pub struct Identity {
     /// The nickname the token speaks for.
     pub nickname: String,
-    /// The login session the token belongs to.
-    pub session: u64,
+    /// The login the token belongs to: one `Login` call, which every token it issues,
+    /// and every stream and call made with them, share. (A `Chat` stream's task is a
+    /// [`crate::session::Session`]; a login may have several.)
+    pub login: u64,
 }
 
 /// How callers prove who they are.
@@ -63,7 +65,7 @@ impl AuthMode {
                     .map_err(|e| Status::unauthenticated(e.to_string()))?;
                 if !nicknames.admit(&identity) {
                     return Err(Status::unauthenticated(format!(
-                        "nickname {} now belongs to another session; log in again",
+                        "nickname {} now belongs to another login; log in again",
                         crate::error::quote(&identity.nickname)
                     )));
                 }

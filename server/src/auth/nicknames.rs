@@ -13,7 +13,7 @@ use rand::Rng as _;
 use super::Identity;
 use crate::{error::ChatError, nickname};
 
-/// Which session holds each nickname.
+/// Which login holds each nickname.
 pub struct Nicknames {
     /// Claims by the nickname's comparison key ([`nickname::key`]), so `Zoë` and `zoë`
     /// are one name.
@@ -23,7 +23,7 @@ pub struct Nicknames {
     /// live. Claims take the skeleton's entry before the claim's (always in that order),
     /// so two look-alikes claimed at once cannot both win.
     skeletons: DashMap<String, Holder>,
-    /// How long a claim outlives its session's last stream or call.
+    /// How long a claim outlives its login's last stream or call.
     lease: Duration,
 }
 
@@ -38,8 +38,8 @@ struct Holder {
 
 #[derive(Debug)]
 struct Claim {
-    /// The session holding the nickname.
-    session: u64,
+    /// The login holding the nickname.
+    login: u64,
     /// How many of its streams are open; the claim is live while any is.
     streams: usize,
     /// When it last made a call or closed a stream.
@@ -47,9 +47,9 @@ struct Claim {
 }
 
 impl Claim {
-    fn new(session: u64) -> Self {
+    fn new(login: u64) -> Self {
         Self {
-            session,
+            login,
             streams: 0,
             last_seen: Instant::now(),
         }
@@ -70,14 +70,14 @@ impl Nicknames {
         }
     }
 
-    /// Claims `nickname` (enforced already) for a new session, or for the session of
-    /// `resume` if it held it. ALREADY_EXISTS while another live session holds it or a
+    /// Claims `nickname` (enforced already) for a new login, or for the login of
+    /// `resume` if it held it. ALREADY_EXISTS while another live login holds it or a
     /// look-alike of it.
     pub fn claim(&self, nickname: &str, resume: Option<&Identity>) -> Result<Identity, ChatError> {
         let key = nickname::key(nickname);
         let resumed = resume
             .filter(|r| nickname::key(&r.nickname) == key)
-            .map(|r| r.session);
+            .map(|r| r.login);
         let skeleton = self.skeletons.entry(nickname::skeleton(nickname));
         if let Some(holder) = self.lookalike(&skeleton, &key) {
             return Err(ChatError::NicknameLookalike {
@@ -85,21 +85,21 @@ impl Nicknames {
                 held: holder.nickname,
             });
         }
-        let session = match self.claims.entry(key.clone()) {
+        let login = match self.claims.entry(key.clone()) {
             Entry::Vacant(slot) => {
-                let session = resumed.unwrap_or_else(new_session);
-                slot.insert(Claim::new(session));
-                session
+                let login = resumed.unwrap_or_else(new_login);
+                slot.insert(Claim::new(login));
+                login
             }
             Entry::Occupied(mut slot) => {
                 let claim = slot.get_mut();
-                if resumed == Some(claim.session) {
+                if resumed == Some(claim.login) {
                     claim.last_seen = Instant::now();
-                    claim.session
+                    claim.login
                 } else if !claim.is_live(self.lease) {
-                    let session = resumed.unwrap_or_else(new_session);
-                    *claim = Claim::new(session);
-                    session
+                    let login = resumed.unwrap_or_else(new_login);
+                    *claim = Claim::new(login);
+                    login
                 } else {
                     return Err(ChatError::NicknameTaken(nickname.to_owned()));
                 }
@@ -111,7 +111,7 @@ impl Nicknames {
         });
         Ok(Identity {
             nickname: nickname.to_owned(),
-            session,
+            login,
         })
     }
 
@@ -140,16 +140,16 @@ impl Nicknames {
         }
         let admitted = match self.claims.entry(key.clone()) {
             Entry::Vacant(slot) => {
-                slot.insert(Claim::new(identity.session));
+                slot.insert(Claim::new(identity.login));
                 true
             }
             Entry::Occupied(mut slot) => {
                 let claim = slot.get_mut();
-                if claim.session == identity.session {
+                if claim.login == identity.login {
                     claim.last_seen = Instant::now();
                     true
                 } else if !claim.is_live(self.lease) {
-                    *claim = Claim::new(identity.session);
+                    *claim = Claim::new(identity.login);
                     true
                 } else {
                     false
@@ -169,14 +169,14 @@ impl Nicknames {
     pub fn open_stream(self: &Arc<Self>, identity: &Identity) -> StreamClaim {
         let key = nickname::key(&identity.nickname);
         if let Some(mut claim) = self.claims.get_mut(&key)
-            && claim.session == identity.session
+            && claim.login == identity.login
         {
             claim.streams += 1;
         }
         StreamClaim {
             nicknames: self.clone(),
             key,
-            session: identity.session,
+            login: identity.login,
         }
     }
 
@@ -189,7 +189,7 @@ impl Nicknames {
     }
 }
 
-fn new_session() -> u64 {
+fn new_login() -> u64 {
     rand::rng().random()
 }
 
@@ -197,13 +197,13 @@ fn new_session() -> u64 {
 pub struct StreamClaim {
     nicknames: Arc<Nicknames>,
     key: String,
-    session: u64,
+    login: u64,
 }
 
 impl Drop for StreamClaim {
     fn drop(&mut self) {
         if let Some(mut claim) = self.nicknames.claims.get_mut(&self.key)
-            && claim.session == self.session
+            && claim.login == self.login
         {
             claim.streams = claim.streams.saturating_sub(1);
             claim.last_seen = Instant::now();
@@ -215,7 +215,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_live_claim_keeps_others_out_but_lets_its_session_back() {
+    fn a_live_claim_keeps_others_out_but_lets_its_login_back() {
         let nicknames = Arc::new(Nicknames::new(Duration::from_secs(60)));
         let first = nicknames.claim("alice", None).unwrap();
         assert!(matches!(
@@ -223,7 +223,7 @@ mod tests {
             Err(ChatError::NicknameTaken(_))
         ));
         let again = nicknames.claim("alice", Some(&first)).unwrap();
-        assert_eq!(again.session, first.session);
+        assert_eq!(again.login, first.login);
     }
 
     #[test]
@@ -258,7 +258,7 @@ mod tests {
         );
         drop(stream);
         let second = nicknames.claim("alice", None).unwrap();
-        assert_ne!(second.session, first.session);
+        assert_ne!(second.login, first.login);
         let _held = nicknames.open_stream(&second);
         assert!(!nicknames.admit(&first));
         assert!(nicknames.admit(&second));

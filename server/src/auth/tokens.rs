@@ -94,7 +94,7 @@ impl Tokens {
             .map_or(0, |d| d.as_secs());
         let payload = format!(
             "v1:{}:{:016x}:{expires_unix}",
-            identity.nickname, identity.session
+            identity.nickname, identity.login
         );
         let mut mac = self.key.clone();
         mac.update(payload.as_bytes());
@@ -116,15 +116,15 @@ impl Tokens {
         mac.update(&payload);
         mac.verify_slice(&tag).map_err(|_| TokenError::Foreign)?;
         let payload = String::from_utf8(payload).map_err(|_| MALFORMED)?;
-        // `v1:<nickname>:<session>:<expiry>`, read from the right: a nickname may hold `:`.
+        // `v1:<nickname>:<login>:<expiry>`, read from the right: a nickname may hold `:`.
         let rest = payload.strip_prefix("v1:").ok_or(MALFORMED)?;
         let mut fields = rest.rsplitn(3, ':');
-        let (Some(expires), Some(session), Some(nickname)) =
+        let (Some(expires), Some(login), Some(nickname)) =
             (fields.next(), fields.next(), fields.next())
         else {
             return Err(MALFORMED);
         };
-        let session = u64::from_str_radix(session, 16).map_err(|_| MALFORMED)?;
+        let login = u64::from_str_radix(login, 16).map_err(|_| MALFORMED)?;
         let expires: u64 = expires.parse().map_err(|_| MALFORMED)?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -134,7 +134,7 @@ impl Tokens {
         }
         Ok(Identity {
             nickname: nickname.to_owned(),
-            session,
+            login,
         })
     }
 }
@@ -146,7 +146,7 @@ mod tests {
     fn alice() -> Identity {
         Identity {
             nickname: "alice".into(),
-            session: 42,
+            login: 42,
         }
     }
 
@@ -187,7 +187,7 @@ mod tests {
         for nickname in ["a:b", "李雷", "zoë:"] {
             let identity = Identity {
                 nickname: nickname.into(),
-                session: 7,
+                login: 7,
             };
             let (token, _) = tokens.issue(&identity);
             assert_eq!(tokens.verify(&token), Ok(identity));

@@ -8,7 +8,7 @@ use std::{
 
 use confab::ChatMessage;
 
-use super::{Access, Committed, Retention, RoomRecord, Store, StoreError, sent_at};
+use super::{Access, Committed, Retention, RoomRecord, SentKey, Store, StoreError, sent_at};
 
 /// A store that keeps everything in memory. Writes are "committed" the moment they are
 /// made, so their callbacks run inline.
@@ -190,6 +190,21 @@ impl Store for MemoryStore {
 
     fn first_seq(&self, room: &str) -> Result<Option<u64>, StoreError> {
         self.room(room, |room| room.messages.front().map(|m| m.seq))
+    }
+
+    fn sent_since(&self, room: &str, since: SystemTime) -> Result<Vec<SentKey>, StoreError> {
+        self.room(room, |room| {
+            room.messages
+                .iter()
+                .rev()
+                .take_while(|m| sent_at(m) >= since)
+                .map(|m| SentKey {
+                    sender: m.sender.clone(),
+                    client_msg_id: m.client_msg_id.clone(),
+                    sent_at: sent_at(m),
+                })
+                .collect()
+        })
     }
 
     fn find_sent(

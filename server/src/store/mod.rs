@@ -13,6 +13,8 @@
 //! Engines: [`SqliteStore`], the default (one SQLite file, one writer that commits in
 //! groups), and [`MemoryStore`] (`--in-memory`: nothing survives the process).
 
+#[cfg(test)]
+mod conformance;
 mod memory;
 mod sqlite;
 
@@ -74,6 +76,17 @@ pub struct RoomRecord {
     /// The seq of its newest message ever, 0 if none: numbering continues from here after
     /// a restart, even when retention removed every message.
     pub head_seq: u64,
+}
+
+/// A stored message's idempotency key, and when it was sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentKey {
+    /// Who sent it.
+    pub sender: String,
+    /// The sender's idempotency key.
+    pub client_msg_id: String,
+    /// When the server accepted it.
+    pub sent_at: SystemTime,
 }
 
 /// A user's standing in a room, besides being its owner.
@@ -169,6 +182,10 @@ pub trait Store: Send + Sync + 'static {
         client_msg_id: &str,
         since: SystemTime,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// The idempotency keys of `room`'s messages sent at or after `since`, newest first:
+    /// what the hub must recognise as retries when it starts.
+    fn sent_since(&self, room: &str, since: SystemTime) -> Result<Vec<SentKey>, StoreError>;
 
     /// Makes every write so far durable and stops accepting new ones (at shutdown).
     fn close(&self) {}

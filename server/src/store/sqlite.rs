@@ -37,7 +37,9 @@ use std::{
 use confab::{ChatMessage, ChatMessageRecord};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
-use super::{Access, Committed, Retention, RoomRecord, Store, StoreError, from_micros, to_micros};
+use super::{
+    Access, Committed, Retention, RoomRecord, SentKey, Store, StoreError, from_micros, to_micros,
+};
 
 /// The database file in the data dir.
 pub const DATABASE_FILE: &str = "confab.sqlite3";
@@ -414,6 +416,10 @@ const FIND_SENT: &str = "SELECT seq FROM messages
      WHERE room = ?1 AND sender = ?2 AND client_msg_id = ?3 AND sent_at_us >= ?4
      LIMIT 1";
 
+/// A room's idempotency keys, newest first (the caller stops at its window's start).
+const SENT_SINCE: &str = "SELECT sender, client_msg_id, sent_at_us FROM messages
+     WHERE room = ?1 ORDER BY seq DESC";
+
 const MESSAGE_COLUMNS: &str = "seq, sender, text, kind, client_msg_id, sent_at_us";
 
 fn message(room: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
@@ -532,6 +538,29 @@ impl Store for SqliteStore {
                 .query_row(params![room], |row| row.get(0))
         })?;
         Ok(first.map(seq_from_sql))
+    }
+
+    fn sent_since(&self, room: &str, since: SystemTime) -> Result<Vec<SentKey>, StoreError> {
+        let since = to_micros(since);
+        self.read(|db| {
+            // Newest first along the primary key, stopping at the first message older
+            // than `since`: a read the size of the window, not of the room.
+            let mut statement = db.prepare_cached(SENT_SINCE)?;
+            let mut rows = statement.query(params![room])?;
+            let mut keys = Vec::new();
+            while let Some(row) = rows.next()? {
+                let sent_at: i64 = row.get(2)?;
+                if sent_at < since {
+                    break;
+                }
+                keys.push(SentKey {
+                    sender: row.get(0)?,
+                    client_msg_id: row.get(1)?,
+                    sent_at: from_micros(sent_at),
+                });
+            }
+            Ok(keys)
+        })
     }
 
     fn find_sent(
@@ -747,6 +776,62 @@ mod tests {
                 "SEARCH messages USING COVERING INDEX messages_by_client_msg_id \
               (room=? AND sender=? AND client_msg_id=? AND sent_at_us>?)"
             ]
+        );
+    }
+
+    #[test]
+    fn a_database_of_the_first_schema_is_migrated_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A data dir as the first released server left it: schema 1, one room, two
+            // messages.
+            let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+            db.execute_batch(MIGRATIONS[0]).unwrap();
+            db.pragma_update(None, "user_version", 1).unwrap();
+            db.execute(
+                "INSERT INTO rooms (name, topic, created_at_us, created_by, head_seq)
+                 VALUES ('old', 'from v1', 1700000000000000, 'alice', 2)",
+                [],
+            )
+            .unwrap();
+            for seq in 1..=2i64 {
+                db.execute(
+                    "INSERT INTO messages (room, seq, sender, text, kind, client_msg_id, sent_at_us)
+                     VALUES ('old', ?1, 'alice', 'hello', 1, ?2, ?3)",
+                    params![seq, format!("id-{seq}"), to_micros(SystemTime::now())],
+                )
+                .unwrap();
+            }
+        }
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let rooms = store.rooms().unwrap();
+        assert_eq!(rooms.len(), 1);
+        let old = &rooms[0];
+        assert_eq!(
+            (old.name.as_str(), old.topic.as_str(), old.head_seq),
+            ("old", "from v1", 2)
+        );
+        assert_eq!((old.private, old.access.len()), (false, 0));
+        let seqs: Vec<u64> = store
+            .read_after("old", 0, 10)
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+        // What schema 2 added works on the migrated data.
+        wait(&store, |s, done| {
+            s.set_access("old", "bob", Some(Access::Banned), done)
+        })
+        .unwrap();
+        let version: i64 = Connection::open(dir.path().join(DATABASE_FILE))
+            .unwrap()
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .unwrap();
+        assert_eq!(usize::try_from(version).unwrap(), MIGRATIONS.len());
+        assert_eq!(
+            store.rooms().unwrap()[0].access.get("bob"),
+            Some(&Access::Banned)
         );
     }
 

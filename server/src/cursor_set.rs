@@ -1,4 +1,4 @@
-//! [`Cursors`]: the delivery streams of every room a session (or subscription) reads, as one
+//! [`CursorSet`]: the delivery streams of every room a session (or subscription) reads, as one
 //! stream of `(room, delivery)`, polled by readiness.
 //!
 //! A `StreamMap` polls every stream on every wake-up: a user in 64 rooms pays 64 polls
@@ -39,12 +39,12 @@ use crate::{
 /// Up to this many streams are polled directly; more use the ready queue.
 pub const DIRECT: usize = 4;
 
-/// What [`Cursors`] yields: the room, and its next delivery.
+/// What [`CursorSet`] yields: the room, and its next delivery.
 pub type Item = (Arc<str>, Result<Delivery, ChatError>);
 
 /// The delivery streams of a set of rooms, keyed by room name.
 #[derive(Default)]
-pub struct Cursors {
+pub struct CursorSet {
     entries: Vec<Entry>,
     next_id: u64,
     /// Where the next direct pass starts: just after the stream that last yielded.
@@ -105,9 +105,9 @@ impl Wake for StreamWake {
     }
 }
 
-impl std::fmt::Debug for Cursors {
+impl std::fmt::Debug for CursorSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cursors")
+        f.debug_struct("CursorSet")
             .field(
                 "rooms",
                 &self.entries.iter().map(|e| &e.room).collect::<Vec<_>>(),
@@ -117,7 +117,7 @@ impl std::fmt::Debug for Cursors {
     }
 }
 
-impl Cursors {
+impl CursorSet {
     /// Adds `room`'s stream, replacing (and dropping) the one it had.
     pub fn insert(&mut self, room: &str, stream: DeliveryStream) {
         self.remove(room);
@@ -241,7 +241,7 @@ impl Cursors {
     }
 }
 
-impl Stream for Cursors {
+impl Stream for CursorSet {
     type Item = Item;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
@@ -279,7 +279,7 @@ mod tests {
     }
 
     /// Everything ready now, without waiting.
-    fn drain(cursors: &mut Cursors) -> Vec<(String, u64)> {
+    fn drain(cursors: &mut CursorSet) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         while let Some(Some(item)) = cursors.next().now_or_never() {
             out.push(seq_of(item));
@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn every_item_of_every_room_comes_out_once_in_order_in_both_modes() {
         for rooms in [1, DIRECT, DIRECT + 1, 64] {
-            let mut cursors = Cursors::default();
+            let mut cursors = CursorSet::default();
             let feeds: Vec<_> = (0..rooms)
                 .map(|r| {
                     let (tx, stream) = fed();
@@ -324,7 +324,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wake_of_one_room_among_many_wakes_the_reader() {
-        let mut cursors = Cursors::default();
+        let mut cursors = CursorSet::default();
         let mut feeds = Vec::new();
         for r in 0..20 {
             let (tx, stream) = fed();
@@ -364,7 +364,7 @@ mod tests {
     #[test]
     fn removed_and_ended_streams_leave_the_set() {
         for rooms in [3, 10] {
-            let mut cursors = Cursors::default();
+            let mut cursors = CursorSet::default();
             let mut feeds = Vec::new();
             for r in 0..rooms {
                 let (tx, stream) = fed();
@@ -386,7 +386,7 @@ mod tests {
             tx.unbounded_send(gap(4)).unwrap();
             assert_eq!(drain(&mut cursors), [("room-2".to_owned(), 4)]);
         }
-        let mut cursors = Cursors::default();
+        let mut cursors = CursorSet::default();
         assert!(matches!(cursors.next().now_or_never(), Some(None)));
     }
 }

@@ -16,7 +16,7 @@ use tracing::Instrument as _;
 use crate::{
     auth::{AuthMode, Identity, Nicknames, ProviderToken, caller},
     cursor::{Cursor, Delivery},
-    cursors::Cursors,
+    cursor_set::CursorSet,
     error::{ChatError, quote},
     hub::{Hub, RoomEvent},
     limits::StreamGuard,
@@ -407,7 +407,7 @@ impl ChatService for ChatServer {
             )
             .into());
         }
-        let mut cursors = Cursors::default();
+        let mut cursors = CursorSet::default();
         for (i, position) in request.rooms.iter().enumerate() {
             let field = format!("rooms[{i}].room");
             let room = self.readable_room(&field, &position.room, &user)?;
@@ -471,7 +471,7 @@ fn parse_history_position(
 /// The task behind a `Subscribe` call: messages and gaps of every tailed room, in seq
 /// order per room, pulled only as fast as the client reads them.
 async fn tail(
-    mut cursors: Cursors,
+    mut cursors: CursorSet,
     out: Outbound<pb::SubscribeResponse>,
     _open: (Held, StreamGuard),
 ) {
