@@ -153,19 +153,39 @@ async fn typing_stays_responsive_during_a_flood() {
                     break;
                 }
             }
-            n
+            // The sender goes back with the count: dropping it would end the stream (a
+            // client that stops sending has left) before the last messages come back.
+            (n, sender)
         })
     };
-    // The flooder reads too (its own messages come back), watching for alice's line.
+    // The flooder reads too (its own messages come back), watching for alice's line, and
+    // stays until its last message has come back (so all of it was delivered).
+    let (alice_said, heard_alice) = tokio::sync::oneshot::channel();
+    let (last_sent, mut last) = tokio::sync::watch::channel(0u64);
     let seen = tokio::spawn(async move {
-        while let Ok(Some(event)) = stream.message().await {
-            if let Some(Event::Message(m)) = event.event
-                && m.sender == "alice"
-            {
-                return m.text.clone();
+        let mut alice_said = Some(alice_said);
+        let mut newest = 0;
+        loop {
+            let sent = *last.borrow();
+            if sent > 0 && newest >= sent {
+                return;
+            }
+            tokio::select! {
+                _ = last.changed() => continue,
+                event = stream.message() => {
+                    let Ok(Some(event)) = event else { panic!("the flooder's stream ended") };
+                    let Some(Event::Message(m)) = event.event else { continue };
+                    if m.sender == "alice"
+                        && let Some(said) = alice_said.take()
+                    {
+                        let _ = said.send(m.text.clone());
+                    }
+                    if let Some(n) = m.text.strip_prefix("flood ").and_then(|n| n.parse().ok()) {
+                        newest = n;
+                    }
+                }
             }
         }
-        String::new()
     });
 
     alice.wait_for_text("<flooder> flood 100").await;
@@ -176,12 +196,16 @@ async fn typing_stays_responsive_during_a_flood() {
         })
         .await;
     alice.press("Enter");
-    let text = within("alice's message to reach the flooder", seen)
+    let text = within("alice's message to reach the flooder", heard_alice)
         .await
         .unwrap();
     assert_eq!(text, "typed during the flood");
     flooding.store(false, Ordering::SeqCst);
-    let sent = within("the flood to end", flood).await.unwrap();
+    let (sent, _sender) = within("the flood to end", flood).await.unwrap();
+    last_sent.send_replace(sent);
+    within("the flood to come back to the flooder", seen)
+        .await
+        .unwrap();
     // The client kept up with the whole flood: its last message reaches the screen.
     alice
         .wait_for_text(&format!("<flooder> flood {sent}"))
@@ -317,14 +341,16 @@ async fn scrolling_back_past_the_scrollback_reads_history_from_the_server() {
             "did not reach the first message; the screen:\n{previous}"
         );
         reader.press("PageUp");
-        // The view moves at once, or once the page it asked for arrives.
+        // The view moves at once, or once the page it asked for arrives; a screen is read
+        // once two captures agree (not in the middle of a redraw).
         let mut screen = reader.capture();
         for _ in 0..40 {
-            if screen != previous {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            let again = reader.capture();
+            if again == screen && screen != previous {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-            screen = reader.capture();
+            screen = again;
         }
         let numbers = numbers_on(&screen);
         assert!(

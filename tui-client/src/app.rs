@@ -65,11 +65,13 @@ pub enum Effect {
     },
     /// Chat under another nickname from now on.
     Nick(String),
-    /// Read a page of `room`'s log before or after `seq` (scrolling past what is held).
+    /// Read up to `limit` messages of `room`'s log before or after `seq` (scrolling past
+    /// what is held).
     History {
         room: String,
         direction: HistoryDirection,
         seq: u64,
+        limit: u32,
     },
 }
 
@@ -375,6 +377,7 @@ impl App {
     /// holds.
     fn history_wanted(&mut self) -> Vec<Effect> {
         let page = self.page();
+        let limit = scrollback::page_size(self.scrollback);
         let Some(room) = self.rooms.get_mut(self.active) else {
             return Vec::new();
         };
@@ -387,6 +390,7 @@ impl App {
                 room: room.name.clone(),
                 direction,
                 seq,
+                limit,
             })
             .collect()
     }

@@ -252,11 +252,8 @@ async fn perform(conversation: Conversation, mut effects: mpsc::UnboundedReceive
                 room,
                 direction,
                 seq,
-            } => {
-                conversation
-                    .history(&room, direction, seq, scrollback::HISTORY_PAGE)
-                    .await
-            }
+                limit,
+            } => conversation.history(&room, direction, seq, limit).await,
         };
         if done.is_err() {
             return;

@@ -20,8 +20,17 @@ use crate::app::{Entry, RoomView};
 
 /// Entries a room holds in memory.
 pub const SCROLLBACK: usize = 2_000;
-/// Messages asked for per page of history.
+/// Messages asked for per page of history, at most.
 pub const HISTORY_PAGE: u32 = 200;
+
+/// Messages asked for per page with a cap of `cap` entries: a quarter of it at most, so
+/// that a page put in front of a full room drops only entries below the view (the view
+/// is near the top when it asks, and far fewer than `cap` lines tall).
+pub fn page_size(cap: usize) -> u32 {
+    u32::try_from(cap / 4)
+        .unwrap_or(u32::MAX)
+        .clamp(1, HISTORY_PAGE)
+}
 
 /// Whether the server holds messages older than the oldest held here.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -218,6 +227,7 @@ mod tests {
                 room,
                 direction,
                 seq,
+                limit,
             } = effect
             else {
                 continue;
@@ -226,12 +236,12 @@ mod tests {
             let (messages, more): (Vec<ChatMessage>, bool) = match direction {
                 HistoryDirection::Older => {
                     let before: Vec<_> = log.iter().filter(|m| m.seq < seq).cloned().collect();
-                    let start = before.len().saturating_sub(HISTORY_PAGE as usize);
+                    let start = before.len().saturating_sub(limit as usize);
                     (before[start..].to_vec(), start > 0)
                 }
                 HistoryDirection::Newer => {
                     let after: Vec<_> = log.iter().filter(|m| m.seq > seq).cloned().collect();
-                    let end = after.len().min(HISTORY_PAGE as usize);
+                    let end = after.len().min(limit as usize);
                     (after[..end].to_vec(), end < after.len())
                 }
             };
@@ -288,12 +298,22 @@ mod tests {
         assert_eq!(held(&app), (701..=1_000).collect::<Vec<_>>());
 
         // All the way up: every message from 1 is read back, in order, once; the cap
-        // holds throughout.
+        // holds throughout, and the view never jumps more than a page.
         let mut pages = 0;
+        let mut bottom = u64::MAX;
         for _ in 0..1_000 {
             let effects = page_up(&mut app);
             pages += serve(&mut app, effects, &log);
-            assert!(app.rooms[0].entries.len() <= 300);
+            let room = &app.rooms[0];
+            assert!(room.entries.len() <= 300);
+            let shown = room.entries[room.entries.len() - 1 - room.scroll]
+                .seq()
+                .unwrap();
+            assert!(
+                bottom == u64::MAX || bottom - shown <= 8,
+                "the view jumped from {bottom} to {shown}"
+            );
+            bottom = shown;
         }
         let seqs = held(&app);
         assert_eq!(seqs.first(), Some(&1), "reached the start");
