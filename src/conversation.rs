@@ -357,6 +357,44 @@ struct Task {
     ops: mpsc::Receiver<Op>,
 }
 
+/// What one connection has asked of the server and not heard back about yet.
+struct Live {
+    /// The connection, for unary calls beside the stream.
+    client: Client,
+    /// The chat stream's sending half.
+    sender: ChatSender,
+    /// Joins not answered yet, by request id: the connection counts as up once every
+    /// room has answered.
+    joins: HashMap<u64, String>,
+    /// Sends not answered yet: request id → `client_msg_id`.
+    sends: HashMap<u64, String>,
+    /// Messages to send (again, after a reconnect), in order.
+    unsent: VecDeque<OutgoingMessage>,
+    /// False once a room could not resume exactly where it left off.
+    resume_complete: bool,
+    /// Paces sends a little inside the server's rate limit.
+    pacer: Option<DefaultDirectRateLimiter>,
+    /// Set when the server refused a message for the rate: nothing is sent before it.
+    hold_until: Option<tokio::time::Instant>,
+}
+
+impl Live {
+    /// Sends the next queued message.
+    async fn send_next(&mut self) -> Result<(), Lost> {
+        let Some(message) = self.unsent.pop_front() else {
+            return Ok(());
+        };
+        let client_msg_id = message.client_msg_id.clone();
+        let id = self
+            .sender
+            .send(message)
+            .await
+            .map_err(|error| Lost::Retry(error.to_string()))?;
+        self.sends.insert(id, client_msg_id);
+        Ok(())
+    }
+}
+
 impl Task {
     async fn run(mut self) {
         let mut attempt = 0;
@@ -453,12 +491,82 @@ impl Task {
         }
     }
 
+    /// One connection, from connecting to losing it: connect, log in, rejoin every room,
+    /// then serve the application's commands and the server's events until it ends.
     async fn connect_and_chat(&mut self, attempt: &mut u32) -> Lost {
-        let mut client =
-            match Client::connect_with(&self.config.server, self.config.tls.as_ref()).await {
-                Ok(client) => client,
-                Err(error) => return Lost::failed(error.to_string(), &error, false),
+        let (mut live, mut events) = match self.open(attempt).await {
+            Ok(opened) => opened,
+            Err(lost) => return lost,
+        };
+        // This loop never waits to send: it takes a command, or sends a queued message,
+        // only when the stream has room, and reads events all the while. (A client that
+        // waited to send while the server waited for it to read would never move again.)
+        loop {
+            let sender = live.sender.clone();
+            let step = tokio::select! {
+                () = pace(live.pacer.as_ref(), live.hold_until), if !live.unsent.is_empty() && sender.has_room() => {
+                    live.send_next().await
+                }
+                // A full stream frees up as the server reads: wait for its queue (frames
+                // such as typing notices get no reply that would wake this loop).
+                () = sender.room(), if !sender.has_room() => Ok(()),
+                op = self.ops.recv(), if live.unsent.is_empty() && sender.has_room() => {
+                    self.command(op, &mut live).await
+                }
+                event = events.message() => match event {
+                    Ok(Some(event)) => self.on_event(event, &mut live, attempt).await,
+                    Ok(None) => Err(Lost::Retry("the server closed the stream".into())),
+                    Err(status) => Err(Lost::Retry(ClientError::from(status).to_string())),
+                },
             };
+            if let Err(lost) = step {
+                return lost;
+            }
+        }
+    }
+
+    /// Connects, logs in (keeping the nickname with the last token) and opens the chat
+    /// stream, rejoining every room after the last seq delivered; unacked messages are
+    /// queued to go out again.
+    async fn open(
+        &mut self,
+        attempt: &mut u32,
+    ) -> Result<(Live, tonic::Streaming<ChatResponse>), Lost> {
+        let (client, limits) = self.login().await?;
+        let chat = client
+            .chat()
+            .await
+            .map_err(|error| Lost::Retry(error.to_string()))?;
+        let (sender, events) = chat.split();
+        let mut joins = HashMap::new();
+        for (room, last) in &self.rooms {
+            let id = sender
+                .join(room, *last)
+                .await
+                .map_err(|error| Lost::Retry(error.to_string()))?;
+            joins.insert(id, room.clone());
+        }
+        let live = Live {
+            pacer: pacer(&limits),
+            client,
+            sender,
+            joins,
+            sends: HashMap::new(),
+            unsent: self.pending.iter().cloned().collect(),
+            resume_complete: true,
+            hold_until: None,
+        };
+        if live.joins.is_empty() && !self.connected(true, attempt).await {
+            return Err(Lost::Closed);
+        }
+        Ok((live, events))
+    }
+
+    /// Connects and logs in; the server's limits, for pacing.
+    async fn login(&mut self) -> Result<(Client, pb::ServerLimits), Lost> {
+        let mut client = Client::connect_with(&self.config.server, self.config.tls.as_ref())
+            .await
+            .map_err(|error| Lost::failed(error.to_string(), &error, false))?;
         let login = match &self.config.identity_token {
             Some(token) => client.login_with_token(token, &self.config.nickname).await,
             None => {
@@ -474,164 +582,175 @@ impl Task {
             Ok(reply) => reply.limits.unwrap_or_default(),
             Err(error) => {
                 let reason = format!("login as {:?} failed: {error}", self.config.nickname);
-                return Lost::failed(reason, &error, true);
+                return Err(Lost::failed(reason, &error, true));
             }
         };
-        let pacer = pacer(&limits);
-        // Set when the server refused a message for the rate: nothing is sent before it.
-        let mut hold_until: Option<tokio::time::Instant> = None;
         self.token = client.token().map(str::to_owned);
-        let chat = match client.chat().await {
-            Ok(chat) => chat,
-            Err(error) => return Lost::Retry(error.to_string()),
+        Ok((client, limits))
+    }
+
+    /// The application's next command, on a live connection with room for a frame.
+    async fn command(&mut self, op: Option<Op>, live: &mut Live) -> Result<(), Lost> {
+        let Some(op) = op else {
+            return Err(Lost::Closed);
         };
-        let (sender, mut events) = chat.split();
+        let renamed = matches!(op, Op::Nickname(_));
+        if let Err(error) = self.online(op, live).await {
+            return Err(Lost::Retry(error.to_string()));
+        }
+        if renamed {
+            return Err(Lost::Retry(format!(
+                "reconnecting as {:?}",
+                self.config.nickname
+            )));
+        }
+        Ok(())
+    }
 
-        // Rejoin every room from where it left off, then send what was not acked.
-        let mut joins: HashMap<u64, String> = HashMap::new();
-        let mut resume_complete = true;
-        for (room, last) in &self.rooms {
-            match sender.join(room, *last).await {
-                Ok(id) => {
-                    joins.insert(id, room.clone());
+    /// One event from the server: keeps the rooms' positions and the unacked messages
+    /// up to date, and passes it on to the application (a message once only).
+    async fn on_event(
+        &mut self,
+        event: ChatResponse,
+        live: &mut Live,
+        attempt: &mut u32,
+    ) -> Result<(), Lost> {
+        let id = event.request_id;
+        let Some(payload) = &event.event else {
+            return Ok(());
+        };
+        match payload {
+            Event::Message(message) => {
+                let Some(last) = self.rooms.get_mut(&message.room) else {
+                    return Ok(());
+                };
+                if last.is_some_and(|last| message.seq <= last) {
+                    return Ok(());
                 }
-                Err(error) => return Lost::Retry(error.to_string()),
+                *last = Some(message.seq);
             }
-        }
-        // Messages not acked yet go out again, through the loop below like new ones.
-        let mut unsent: VecDeque<OutgoingMessage> = self.pending.iter().cloned().collect();
-        let mut sends: HashMap<u64, String> = HashMap::new();
-        if joins.is_empty() && !self.connected(resume_complete, attempt).await {
-            return Lost::Closed;
-        }
-
-        // This loop never waits to send: it takes a command, or sends a queued message,
-        // only when the stream has room, and reads events all the while. (A client that
-        // waited to send while the server waited for it to read would never move again.)
-        loop {
-            tokio::select! {
-                () = pace(pacer.as_ref(), hold_until), if !unsent.is_empty() && sender.has_room() => {
-                    let Some(message) = unsent.pop_front() else { continue };
-                    let client_msg_id = message.client_msg_id.clone();
-                    match sender.send(message).await {
-                        Ok(id) => {
-                            sends.insert(id, client_msg_id);
-                        }
-                        Err(error) => return Lost::Retry(error.to_string()),
-                    }
-                }
-                // A full stream frees up as the server reads: wait for its queue (frames
-                // such as typing notices get no reply that would wake this loop).
-                () = sender.room(), if !sender.has_room() => {}
-                op = self.ops.recv(), if unsent.is_empty() && sender.has_room() => {
-                    let Some(op) = op else { return Lost::Closed };
-                    let renamed = matches!(op, Op::Nickname(_));
-                    if let Err(error) = self.online(op, &client, &sender, &mut unsent).await {
-                        return Lost::Retry(error.to_string());
-                    }
-                    if renamed {
-                        return Lost::Retry(format!("reconnecting as {:?}", self.config.nickname));
-                    }
-                }
-                event = events.message() => {
-                    let event = match event {
-                        Ok(Some(event)) => event,
-                        Ok(None) => return Lost::Retry("the server closed the stream".into()),
-                        Err(status) => return Lost::Retry(ClientError::from(status).to_string()),
-                    };
-                    let id = event.request_id;
-                    let Some(payload) = &event.event else { continue };
-                    match payload {
-                        Event::Message(message) => {
-                            let Some(last) = self.rooms.get_mut(&message.room) else { continue };
-                            if last.is_some_and(|last| message.seq <= last) {
-                                continue;
-                            }
-                            *last = Some(message.seq);
-                        }
-                        Event::Gap(gap) => {
-                            resume_complete = false;
-                            if let Some(last) = self.rooms.get_mut(&gap.room) {
-                                *last = Some(last.unwrap_or(0).max(gap.to_seq));
-                            }
-                        }
-                        Event::Ack(ack) => {
-                            sends.remove(&id);
-                            self.pending.retain(|m| m.client_msg_id != ack.client_msg_id);
-                        }
-                        Event::Error(error) => {
-                            // Over the send rate (which pacing keeps clear of, but the
-                            // user may have other clients): wait as told, send it again.
-                            if Code::from(error.code) == Code::ResourceExhausted
-                                && let Some(retry_after) = error.retry_after
-                                && let Some(client_msg_id) = sends.remove(&id)
-                            {
-                                let wait = Duration::try_from(retry_after).unwrap_or_default();
-                                if let Some(message) = self.pending.iter().find(|m| m.client_msg_id == client_msg_id) {
-                                    unsent.push_front(message.clone());
-                                }
-                                hold_until = Some(tokio::time::Instant::now() + wait.min(Duration::from_secs(5)));
-                                continue;
-                            }
-                            // Any other refused send is final: it will not be sent again.
-                            if let Some(client_msg_id) = sends.remove(&id) {
-                                self.pending.retain(|m| m.client_msg_id != client_msg_id);
-                                let refused = ConversationEvent::Refused { client_msg_id, error: error.clone() };
-                                if self.events.send(refused).await.is_err() {
-                                    return Lost::Closed;
-                                }
-                                continue;
-                            }
-                            if let Some(room) = joins.remove(&id) {
-                                self.rooms.remove(&room);
-                                if joins.is_empty() && !self.connected(resume_complete, attempt).await {
-                                    return Lost::Closed;
-                                }
-                            }
-                            if Code::from(error.code) == Code::Unavailable {
-                                return Lost::Retry(error.message.clone());
-                            }
-                        }
-                        Event::Joined(joined) => {
-                            // The position the server starts this room at: where a resume
-                            // continues from, even before any message arrives.
-                            let start = joined.replay_from_seq.saturating_sub(1);
-                            let room = joined.room.as_ref().map(|r| r.name.as_str()).unwrap_or_default();
-                            if let Some(last) = self.rooms.get_mut(room) {
-                                match *last {
-                                    None => *last = Some(start),
-                                    Some(seen) if seen == start => {}
-                                    // The server's log is not where this client left it (it
-                                    // lost messages, or it is another server): start over
-                                    // from where it is.
-                                    Some(_) => {
-                                        resume_complete = false;
-                                        *last = Some(start);
-                                    }
-                                }
-                            }
-                            if joins.remove(&id).is_some()
-                                && joins.is_empty()
-                                && !self.connected(resume_complete, attempt).await
-                            {
-                                return Lost::Closed;
-                            }
-                        }
-                        Event::Left(left) if left.reason != pb::LeaveReason::Requested as i32 => {
-                            // Put out by the owner: not to be rejoined on a reconnect.
-                            self.rooms.remove(&left.room);
-                        }
-                        Event::Reconnect(notice) => {
-                            return Lost::Retry(format!("the server asked to reconnect: {}", notice.reason));
-                        }
-                        _ => {}
-                    }
-                    if self.events.send(ConversationEvent::Server(event)).await.is_err() {
-                        return Lost::Closed;
-                    }
+            Event::Gap(gap) => {
+                live.resume_complete = false;
+                if let Some(last) = self.rooms.get_mut(&gap.room) {
+                    *last = Some(last.unwrap_or(0).max(gap.to_seq));
                 }
             }
+            Event::Ack(ack) => {
+                live.sends.remove(&id);
+                self.pending
+                    .retain(|m| m.client_msg_id != ack.client_msg_id);
+            }
+            Event::Error(error) => {
+                if !self.on_error(id, error, live, attempt).await? {
+                    return Ok(());
+                }
+            }
+            Event::Joined(joined) => self.on_joined(id, joined, live, attempt).await?,
+            Event::Left(left) if left.reason != pb::LeaveReason::Requested as i32 => {
+                // Put out by the owner: not to be rejoined on a reconnect.
+                self.rooms.remove(&left.room);
+            }
+            Event::Reconnect(notice) => {
+                return Err(Lost::Retry(format!(
+                    "the server asked to reconnect: {}",
+                    notice.reason
+                )));
+            }
+            _ => {}
         }
+        self.tell(ConversationEvent::Server(event)).await
+    }
+
+    /// An error event: a send refused for the rate goes out again after the wait; any
+    /// other refused send is final; a refused join drops the room. Whether the
+    /// application is told (a retried send is not).
+    async fn on_error(
+        &mut self,
+        id: u64,
+        error: &pb::CommandError,
+        live: &mut Live,
+        attempt: &mut u32,
+    ) -> Result<bool, Lost> {
+        // Over the send rate (which pacing keeps clear of, but the user may have other
+        // clients): wait as told, send it again first.
+        if Code::from(error.code) == Code::ResourceExhausted
+            && let Some(retry_after) = error.retry_after
+            && let Some(client_msg_id) = live.sends.remove(&id)
+        {
+            let wait = Duration::try_from(retry_after).unwrap_or_default();
+            if let Some(message) = self
+                .pending
+                .iter()
+                .find(|m| m.client_msg_id == client_msg_id)
+            {
+                live.unsent.push_front(message.clone());
+            }
+            live.hold_until = Some(tokio::time::Instant::now() + wait.min(Duration::from_secs(5)));
+            return Ok(false);
+        }
+        if let Some(client_msg_id) = live.sends.remove(&id) {
+            self.pending.retain(|m| m.client_msg_id != client_msg_id);
+            let error = error.clone();
+            self.tell(ConversationEvent::Refused {
+                client_msg_id,
+                error,
+            })
+            .await?;
+            return Ok(false);
+        }
+        if let Some(room) = live.joins.remove(&id) {
+            self.rooms.remove(&room);
+            if live.joins.is_empty() && !self.connected(live.resume_complete, attempt).await {
+                return Err(Lost::Closed);
+            }
+        }
+        if Code::from(error.code) == Code::Unavailable {
+            return Err(Lost::Retry(error.message.clone()));
+        }
+        Ok(true)
+    }
+
+    /// A room joined (or rejoined): where it resumes from; the connection is up once
+    /// every room is.
+    async fn on_joined(
+        &mut self,
+        id: u64,
+        joined: &pb::Joined,
+        live: &mut Live,
+        attempt: &mut u32,
+    ) -> Result<(), Lost> {
+        // The position the server starts this room at: where a resume continues from,
+        // even before any message arrives.
+        let start = joined.replay_from_seq.saturating_sub(1);
+        let room = joined
+            .room
+            .as_ref()
+            .map(|r| r.name.as_str())
+            .unwrap_or_default();
+        if let Some(last) = self.rooms.get_mut(room) {
+            match *last {
+                None => *last = Some(start),
+                Some(seen) if seen == start => {}
+                // The server's log is not where this client left it (it lost messages,
+                // or it is another server): start over from where it is.
+                Some(_) => {
+                    live.resume_complete = false;
+                    *last = Some(start);
+                }
+            }
+        }
+        if live.joins.remove(&id).is_some()
+            && live.joins.is_empty()
+            && !self.connected(live.resume_complete, attempt).await
+        {
+            return Err(Lost::Closed);
+        }
+        Ok(())
+    }
+
+    /// Passes `event` to the application; `Lost::Closed` when it is gone.
+    async fn tell(&self, event: ConversationEvent) -> Result<(), Lost> {
+        self.events.send(event).await.map_err(|_| Lost::Closed)
     }
 
     /// Reports the connection as up and resets the backoff; false when the app is gone.
@@ -642,17 +761,12 @@ impl Task {
     }
 
     /// What a command does on a live connection (which has room for one frame).
-    async fn online(
-        &mut self,
-        op: Op,
-        client: &Client,
-        sender: &ChatSender,
-        unsent: &mut VecDeque<OutgoingMessage>,
-    ) -> Result<(), ClientError> {
+    async fn online(&mut self, op: Op, live: &mut Live) -> Result<(), ClientError> {
+        let (client, sender) = (&live.client, &live.sender);
         match op {
             Op::Send(message) => {
                 self.pending.push_back(message.clone());
-                unsent.push_back(message);
+                live.unsent.push_back(message);
             }
             Op::Join(room) => {
                 if !self.rooms.contains_key(&room) {
