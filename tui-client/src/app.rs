@@ -471,43 +471,8 @@ impl App {
         match command {
             Command::Say(text) => effects.push(Effect::Say { room, text }),
             Command::Me(text) => effects.push(Effect::Act { room, text }),
-            Command::Join(name) => {
-                if !valid_room_name(&name) {
-                    self.hint = Some(format!(
-                        "{name:?} is not a room name: use a-z 0-9 _ -, starting with a letter or digit"
-                    ));
-                    return effects;
-                }
-                match self.rooms.iter().position(|r| r.name == name) {
-                    Some(index) => {
-                        self.switch(index);
-                        // A tab left behind by a kick: join again.
-                        if !self.rooms[index].joined {
-                            effects.push(Effect::Join(name));
-                        }
-                    }
-                    None => {
-                        self.rooms.push(RoomView::new(&name));
-                        self.switch(self.rooms.len() - 1);
-                        effects.push(Effect::Join(name));
-                    }
-                }
-            }
-            Command::Leave(name) => {
-                let name = name.unwrap_or(room);
-                match self.rooms.iter().position(|r| r.name == name) {
-                    Some(index) => {
-                        self.rooms.remove(index);
-                        if self.active >= self.rooms.len() {
-                            self.active = self.rooms.len().saturating_sub(1);
-                        } else if index < self.active {
-                            self.active -= 1;
-                        }
-                        effects.push(Effect::Leave(name));
-                    }
-                    None => self.hint = Some(format!("you are not in {name}")),
-                }
-            }
+            Command::Join(name) => effects.extend(self.join(name)),
+            Command::Leave(name) => effects.extend(self.leave(name.unwrap_or(room))),
             Command::Topic(topic) => effects.push(Effect::SetTopic { room, topic }),
             Command::Who => {
                 let members = self
@@ -537,6 +502,43 @@ impl App {
             Command::Quit => self.quit = true,
         }
         effects
+    }
+
+    /// `/join NAME`: switches to the room's tab, opening it (and joining) if new.
+    fn join(&mut self, name: String) -> Option<Effect> {
+        if !valid_room_name(&name) {
+            self.hint = Some(format!(
+                "{name:?} is not a room name: use a-z 0-9 _ -, starting with a letter or digit"
+            ));
+            return None;
+        }
+        match self.rooms.iter().position(|r| r.name == name) {
+            Some(index) => {
+                self.switch(index);
+                // A tab left behind by a kick: join again.
+                (!self.rooms[index].joined).then_some(Effect::Join(name))
+            }
+            None => {
+                self.rooms.push(RoomView::new(&name));
+                self.switch(self.rooms.len() - 1);
+                Some(Effect::Join(name))
+            }
+        }
+    }
+
+    /// `/leave [NAME]`: closes the room's tab and leaves it.
+    fn leave(&mut self, name: String) -> Option<Effect> {
+        let Some(index) = self.rooms.iter().position(|r| r.name == name) else {
+            self.hint = Some(format!("you are not in {name}"));
+            return None;
+        };
+        self.rooms.remove(index);
+        if self.active >= self.rooms.len() {
+            self.active = self.rooms.len().saturating_sub(1);
+        } else if index < self.active {
+            self.active -= 1;
+        }
+        Some(Effect::Leave(name))
     }
 
     /// A typing notice for the room shown, unless one went out recently (or the line is a
@@ -681,22 +683,7 @@ impl App {
     fn server(&mut self, event: ServerEvent) {
         let shown = self.active_name();
         match event {
-            ServerEvent::Joined(joined) => {
-                let Some(info) = joined.room else { return };
-                if let Some(room) = self.room_mut(&info.name) {
-                    room.joined = true;
-                    room.topic = info.topic;
-                    room.members = joined.members.into_iter().collect();
-                    // The join replays from a seq: what is before it can be read back.
-                    let held_from = room.entries.iter().find_map(Entry::seq);
-                    if joined.replay_from_seq > 1
-                        && room.older == Older::None
-                        && held_from.is_none_or(|seq| seq > 1)
-                    {
-                        room.older = Older::Available;
-                    }
-                }
-            }
+            ServerEvent::Joined(joined) => self.on_joined(joined),
             ServerEvent::Message(message) => {
                 let cap = self.scrollback;
                 let Some(room) = self.room_mut(&message.room) else {
@@ -706,26 +693,7 @@ impl App {
                 let visible = shown.as_deref() == Some(message.room.as_str());
                 push(room, Entry::message(&message), visible, cap);
             }
-            ServerEvent::Presence(presence) => {
-                let cap = self.scrollback;
-                let joined = presence.kind() == PresenceKind::Joined;
-                let Some(room) = self.room_mut(&presence.room) else {
-                    return;
-                };
-                if joined {
-                    room.members.insert(presence.user.clone());
-                } else {
-                    room.members.remove(&presence.user);
-                    room.typing.remove(&presence.user);
-                }
-                let entry = Entry::Presence {
-                    at: timestamp(presence.at),
-                    user: presence.user,
-                    joined,
-                };
-                let visible = shown.as_deref() == Some(presence.room.as_str());
-                push_quiet(room, entry, visible, cap);
-            }
+            ServerEvent::Presence(presence) => self.on_presence(presence),
             ServerEvent::Typing(typing) => {
                 let now = self.now;
                 if let Some(room) = self.room_mut(&typing.room) {
@@ -736,20 +704,7 @@ impl App {
                     }
                 }
             }
-            ServerEvent::RoomUpdated(update) => {
-                let Some(info) = update.room else { return };
-                let (now, cap) = (self.now, self.scrollback);
-                let visible = shown.as_deref() == Some(info.name.as_str());
-                if let Some(room) = self.room_mut(&info.name) {
-                    room.topic = info.topic.clone();
-                    let entry = Entry::Topic {
-                        at: now,
-                        by: update.updated_by,
-                        topic: info.topic,
-                    };
-                    push_quiet(room, entry, visible, cap);
-                }
-            }
+            ServerEvent::RoomUpdated(update) => self.on_room_updated(update),
             ServerEvent::Gap(gap) => {
                 let cap = self.scrollback;
                 if let Some(room) = self.room_mut(&gap.room) {
@@ -766,32 +721,93 @@ impl App {
                     UNIX_EPOCH + Duration::from_micros(pong.client_time_micros.unsigned_abs());
                 self.rtt = SystemTime::now().duration_since(sent).ok();
             }
-            ServerEvent::Left(left) => {
-                let how = match left.reason() {
-                    pb::LeaveReason::Kicked => "kicked out of",
-                    pb::LeaveReason::Banned => "banned from",
-                    pb::LeaveReason::Requested | pb::LeaveReason::Unspecified => return,
-                };
-                let because = if left.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", left.message)
-                };
-                let cap = self.scrollback;
-                if let Some(room) = self.room_mut(&left.room) {
-                    room.joined = false;
-                    room.members.clear();
-                    let entry = Entry::Error(format!(
-                        "you were {how} {} by {}{because}",
-                        left.room, left.by
-                    ));
-                    push_quiet(room, entry, true, cap);
-                }
-            }
+            ServerEvent::Left(left) => self.on_left(left),
             ServerEvent::ModerationDone(done) => {
                 self.notice(Entry::Info(format!("done: {} in {}", done.user, done.room)));
             }
             ServerEvent::Ack(_) | ServerEvent::Reconnect(_) => {}
+        }
+    }
+
+    /// A room joined: its members, topic, and whether older messages can be read back.
+    fn on_joined(&mut self, joined: pb::Joined) {
+        let Some(info) = joined.room else { return };
+        if let Some(room) = self.room_mut(&info.name) {
+            room.joined = true;
+            room.topic = info.topic;
+            room.members = joined.members.into_iter().collect();
+            // The join replays from a seq: what is before it can be read back.
+            let held_from = room.entries.iter().find_map(Entry::seq);
+            if joined.replay_from_seq > 1
+                && room.older == Older::None
+                && held_from.is_none_or(|seq| seq > 1)
+            {
+                room.older = Older::Available;
+            }
+        }
+    }
+
+    /// Someone arrived in or left a room.
+    fn on_presence(&mut self, presence: pb::PresenceEvent) {
+        let shown = self.active_name();
+        let cap = self.scrollback;
+        let joined = presence.kind() == PresenceKind::Joined;
+        let Some(room) = self.room_mut(&presence.room) else {
+            return;
+        };
+        if joined {
+            room.members.insert(presence.user.clone());
+        } else {
+            room.members.remove(&presence.user);
+            room.typing.remove(&presence.user);
+        }
+        let entry = Entry::Presence {
+            at: timestamp(presence.at),
+            user: presence.user,
+            joined,
+        };
+        let visible = shown.as_deref() == Some(presence.room.as_str());
+        push_quiet(room, entry, visible, cap);
+    }
+
+    /// A room's topic changed.
+    fn on_room_updated(&mut self, update: pb::RoomUpdated) {
+        let shown = self.active_name();
+        let Some(info) = update.room else { return };
+        let (now, cap) = (self.now, self.scrollback);
+        let visible = shown.as_deref() == Some(info.name.as_str());
+        if let Some(room) = self.room_mut(&info.name) {
+            room.topic = info.topic.clone();
+            let entry = Entry::Topic {
+                at: now,
+                by: update.updated_by,
+                topic: info.topic,
+            };
+            push_quiet(room, entry, visible, cap);
+        }
+    }
+
+    /// Put out of a room by its owner.
+    fn on_left(&mut self, left: pb::Left) {
+        let how = match left.reason() {
+            pb::LeaveReason::Kicked => "kicked out of",
+            pb::LeaveReason::Banned => "banned from",
+            pb::LeaveReason::Requested | pb::LeaveReason::Unspecified => return,
+        };
+        let because = if left.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", left.message)
+        };
+        let cap = self.scrollback;
+        if let Some(room) = self.room_mut(&left.room) {
+            room.joined = false;
+            room.members.clear();
+            let entry = Entry::Error(format!(
+                "you were {how} {} by {}{because}",
+                left.room, left.by
+            ));
+            push_quiet(room, entry, true, cap);
         }
     }
 
