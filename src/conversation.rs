@@ -641,7 +641,8 @@ impl Task {
                     .retain(|m| m.client_msg_id != ack.client_msg_id);
             }
             Event::Error(error) => {
-                if !self.on_error(id, error, live, attempt).await? {
+                let tell = self.on_error(id, error, live, attempt).await?;
+                if !tell {
                     return Ok(());
                 }
             }

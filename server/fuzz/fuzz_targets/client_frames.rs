@@ -100,6 +100,16 @@ fn room(name: &str) {
     );
 }
 
-fn nick(name: &str) {
-    assert!(!name.is_empty() && name.is_ascii(), "{name:?}");
+/// An accepted nickname: its enforced form keeps Confab's rules on top of PRECIS, and
+/// enforcing it again changes nothing.
+fn nick(accepted: &str) {
+    let name = &confab_server::nickname::enforce(accepted).expect("an accepted nickname");
+    let chars = name.chars().count();
+    assert!((1..=32).contains(&chars) && !name.contains(' '), "{name:?}");
+    assert!(name.chars().next().is_some_and(char::is_alphanumeric), "{name:?}");
+    assert_eq!(
+        confab_server::nickname::enforce(name).as_deref(),
+        Ok(name.as_str()),
+        "enforcement is stable"
+    );
 }
