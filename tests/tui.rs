@@ -308,14 +308,7 @@ async fn scrolling_back_past_the_scrollback_reads_history_from_the_server() {
             kind: 0,
         }),
     }));
-    writer
-        .rpc()
-        .create_room(confab::pb::CreateRoomRequest {
-            room: "log".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create the room");
+    common::create_room(&writer, "log").await;
     let summary = writer
         .rpc()
         .publish_batch(batch)
@@ -400,14 +393,7 @@ async fn pipe_mode_prints_the_history_it_joined_with() {
     };
     let server = TestServer::on("127.0.0.1:0", config()).await;
     let writer = server.client("writer").await;
-    writer
-        .rpc()
-        .create_room(confab::pb::CreateRoomRequest {
-            room: "log".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("create the room");
+    common::create_room(&writer, "log").await;
     let summary = common::flood(writer, "log", 600).await.unwrap().unwrap();
     assert_eq!(summary.into_inner().accepted, 600);
     let all: Vec<u64> = (1..=600).collect();

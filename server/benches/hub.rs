@@ -84,16 +84,26 @@ async fn round(readers: u64) -> Duration {
     start.elapsed()
 }
 
-fn bench(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// Two workers, as the server runs on the 2-core machines the figures come from.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
-    let mut group = c.benchmark_group("hub_append_fanout");
+        .unwrap()
+}
+
+/// 3 s of warm-up, 10 s of measurement, 20 samples: every group here is timed alike.
+fn settle(group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>) {
     group.measurement_time(Duration::from_secs(10));
     group.warm_up_time(Duration::from_secs(3));
     group.sample_size(20);
+}
+
+fn bench(c: &mut Criterion) {
+    let runtime = runtime();
+    let mut group = c.benchmark_group("hub_append_fanout");
+    settle(&mut group);
     for readers in [0, 1, 100, 1_000] {
         group.throughput(Throughput::Elements(MESSAGES * readers.max(1)));
         group.bench_with_input(
@@ -145,15 +155,9 @@ async fn sends(hub: &Arc<Hub>, room: &str, round: u64) -> Duration {
 }
 
 fn send_path(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = runtime();
     let mut group = c.benchmark_group("send_path");
-    group.measurement_time(Duration::from_secs(10));
-    group.warm_up_time(Duration::from_secs(3));
-    group.sample_size(20);
+    settle(&mut group);
     group.throughput(Throughput::Elements(SENDERS * PER_SENDER));
     for case in ["fresh", "after_restart"] {
         let dir = tempfile::tempdir().unwrap();

@@ -486,7 +486,7 @@ impl Room {
         match commit.await {
             Ok(Ok(())) => Ok(Published { seq, duplicate }),
             Ok(Err(error)) => Err(error.into()),
-            Err(_) => Err(StoreError("the store dropped a write".into()).into()),
+            Err(_) => Err(StoreError::Closed.into()),
         }
     }
 
@@ -540,7 +540,7 @@ impl Room {
         );
         tokio::task::spawn_blocking(move || store.find_sent(&room, &sender, &id, since))
             .await
-            .map_err(|_| StoreError("the idempotency lookup panicked".into()))?
+            .map_err(|_| StoreError::ReadPanicked)?
     }
 
     /// What the store calls when `message` is committed: advance the committed seq, publish

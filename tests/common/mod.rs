@@ -297,6 +297,18 @@ impl Events {
     }
 }
 
+/// Creates room `room` as `client`'s user.
+pub async fn create_room(client: &Client, room: &str) {
+    client
+        .rpc()
+        .create_room(confab::pb::CreateRoomRequest {
+            room: room.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create the room");
+}
+
 /// Publishes `count` messages to `room` on one `PublishBatch` stream, from a task.
 pub fn flood(
     client: Client,

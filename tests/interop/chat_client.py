@@ -43,6 +43,17 @@ def generate_stubs() -> pathlib.Path:
     return out
 
 
+def violated_fields(error, error_details_pb2):
+    """The field paths of a failed call's google.rpc.BadRequest details."""
+    fields = []
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
 def check(what, condition, detail=""):
     if not condition:
         sys.exit(f"FAIL: {what} {detail}")
@@ -123,13 +134,7 @@ def main():
         sys.exit("FAIL: a bad room name was accepted")
     except grpc.RpcError as error:
         check("a bad request is INVALID_ARGUMENT", error.code() == grpc.StatusCode.INVALID_ARGUMENT)
-        status = rpc_status.from_call(error)
-        fields = []
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                fields += [v.field for v in bad.field_violations]
+        fields = violated_fields(error, error_details_pb2)
         check("its BadRequest details name the field", fields == ["message.room"], str(fields))
 
     # A 60,000-byte value is quoted cut short, so grpcio with its default metadata limits
@@ -149,13 +154,7 @@ def main():
                   error.code() == grpc.StatusCode.INVALID_ARGUMENT, str(error.code()))
             trailers = sum(len(k) + len(v) for k, v in error.trailing_metadata())
             check(f"{what}: its trailers are under 1 KiB", trailers < 1024, str(trailers))
-            status = rpc_status.from_call(error)
-            fields = []
-            for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
-                    fields += [v.field for v in bad.field_violations]
+            fields = violated_fields(error, error_details_pb2)
             check(f"{what}: the details name the field", fields == [field], str(fields))
 
     # Past the send rate: RESOURCE_EXHAUSTED with a RetryInfo saying when to come back.

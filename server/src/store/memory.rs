@@ -65,7 +65,7 @@ impl MemoryStore {
         let rooms = self.rooms();
         let room = rooms
             .get(name)
-            .ok_or_else(|| StoreError(format!("room {name:?} is not in the store")))?;
+            .ok_or_else(|| StoreError::NoSuchRoom(name.to_owned()))?;
         Ok(read(room))
     }
 }
@@ -91,14 +91,14 @@ impl Store for MemoryStore {
         let result = {
             let mut rooms = self.rooms();
             match rooms.get_mut(&message.room) {
-                None => Err(StoreError(format!(
-                    "room {:?} is not in the store",
-                    message.room
-                ))),
-                Some(room) if message.seq != room.record.head_seq + 1 => Err(StoreError(format!(
-                    "room {:?}: seq {} appended after {}",
-                    message.room, message.seq, room.record.head_seq
-                ))),
+                None => Err(StoreError::NoSuchRoom(message.room.clone())),
+                Some(room) if message.seq != room.record.head_seq + 1 => {
+                    Err(StoreError::OutOfOrder {
+                        room: message.room.clone(),
+                        seq: message.seq,
+                        head: room.record.head_seq,
+                    })
+                }
                 Some(room) => {
                     room.record.head_seq = message.seq;
                     room.sent.insert(
@@ -119,7 +119,7 @@ impl Store for MemoryStore {
                 stored.record.topic = topic.to_owned();
                 Ok(())
             }
-            None => Err(StoreError(format!("room {room:?} is not in the store"))),
+            None => Err(StoreError::NoSuchRoom(room.to_owned())),
         };
         done(result);
     }
@@ -133,7 +133,7 @@ impl Store for MemoryStore {
                 };
                 Ok(())
             }
-            None => Err(StoreError(format!("room {room:?} is not in the store"))),
+            None => Err(StoreError::NoSuchRoom(room.to_owned())),
         };
         done(result);
     }

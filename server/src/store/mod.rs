@@ -30,14 +30,66 @@ use tokio::sync::oneshot;
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
 
-/// A store failure. The client sees INTERNAL; the cause goes to the log.
+/// A store failure. The client sees INTERNAL; the cause goes to the log. `Clone`, since
+/// one failed commit answers every sender waiting on it (hence the `Arc`s).
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// The data dir could not be made or locked, or the writer thread started.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, for the log.
+        what: String,
+        /// Why it failed.
+        source: std::sync::Arc<std::io::Error>,
+    },
+    /// Another server holds the data dir.
+    #[error("{0} is in use by another confab-server")]
+    InUse(std::path::PathBuf),
+    /// The database was written by a newer server.
+    #[error("the database has schema version {found}, newer than this server knows ({known})")]
+    NewerSchema {
+        /// The database's version.
+        found: usize,
+        /// The newest this server knows.
+        known: usize,
+    },
+    /// SQLite failed.
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] std::sync::Arc<rusqlite::Error>),
+    /// A write named a room the store does not have.
+    #[error("room {0:?} is not in the store")]
+    NoSuchRoom(String),
+    /// A message was appended out of seq order (the hub's bug, never the client's).
+    #[error("room {room:?}: seq {seq} appended after {head}")]
+    OutOfOrder {
+        /// The room.
+        room: String,
+        /// The seq appended.
+        seq: u64,
+        /// The room's head before it.
+        head: u64,
+    },
+    /// The store was closed (at shutdown) or its writer stopped.
+    #[error("the store is closed")]
+    Closed,
+    /// A read on a blocking thread panicked.
+    #[error("a store read panicked")]
+    ReadPanicked,
+}
+
+impl StoreError {
+    /// An I/O failure while doing `what`.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            what: what.into(),
+            source: std::sync::Arc::new(source),
+        }
+    }
+}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(error: rusqlite::Error) -> Self {
-        StoreError(error.to_string())
+        StoreError::Sqlite(std::sync::Arc::new(error))
     }
 }
 
@@ -51,10 +103,7 @@ pub fn on_commit() -> (Committed, impl Future<Output = Result<(), StoreError>>) 
     let done: Committed = Box::new(move |result| {
         let _ = tx.send(result);
     });
-    let wait = async move {
-        rx.await
-            .unwrap_or_else(|_| Err(StoreError("the store's writer stopped".into())))
-    };
+    let wait = async move { rx.await.unwrap_or_else(|_| Err(StoreError::Closed)) };
     (done, wait)
 }
 

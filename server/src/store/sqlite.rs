@@ -123,19 +123,12 @@ impl SqliteStore {
     /// Opens (creating if needed) the store in `data_dir`, migrating its schema.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
-            StoreError(format!(
-                "cannot create data dir {}: {e}",
-                data_dir.display()
-            ))
+            StoreError::io(format!("cannot create data dir {}", data_dir.display()), e)
         })?;
         let lock = File::create(data_dir.join("LOCK"))
-            .map_err(|e| StoreError(format!("cannot create the lock file: {e}")))?;
-        lock.try_lock().map_err(|_| {
-            StoreError(format!(
-                "{} is in use by another confab-server",
-                data_dir.display()
-            ))
-        })?;
+            .map_err(|e| StoreError::io("cannot create the lock file", e))?;
+        lock.try_lock()
+            .map_err(|_| StoreError::InUse(data_dir.to_owned()))?;
         let path = data_dir.join(DATABASE_FILE);
         let mut connection = Connection::open(&path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
@@ -146,7 +139,7 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("confab-store-writer".into())
             .spawn(move || write_loop(connection, queue))
-            .map_err(|e| StoreError(format!("cannot start the writer thread: {e}")))?;
+            .map_err(|e| StoreError::io("cannot start the writer thread", e))?;
         Ok(Self {
             path,
             writes,
@@ -158,7 +151,7 @@ impl SqliteStore {
 
     fn write(&self, write: Write) {
         if let Err(mpsc::SendError(write)) = self.writes.send(write) {
-            write.done(Err(StoreError("the store is closed".into())));
+            write.done(Err(StoreError::Closed));
         }
     }
 
@@ -255,10 +248,10 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
     if version > MIGRATIONS.len() {
-        return Err(StoreError(format!(
-            "the database has schema version {version}, newer than this server knows ({})",
-            MIGRATIONS.len()
-        )));
+        return Err(StoreError::NewerSchema {
+            found: version,
+            known: MIGRATIONS.len(),
+        });
     }
     for (step, sql) in MIGRATIONS.iter().enumerate().skip(version) {
         let tx = connection.transaction()?;
@@ -722,7 +715,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let _first = SqliteStore::open(dir.path()).unwrap();
         let second = SqliteStore::open(dir.path());
-        assert!(second.is_err());
+        assert!(matches!(second, Err(StoreError::InUse(path)) if path == dir.path()));
     }
 
     #[test]
@@ -842,6 +835,9 @@ mod tests {
             let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
             db.pragma_update(None, "user_version", 99).unwrap();
         }
-        assert!(SqliteStore::open(dir.path()).is_err());
+        assert!(matches!(
+            SqliteStore::open(dir.path()),
+            Err(StoreError::NewerSchema { found: 99, .. })
+        ));
     }
 }
