@@ -116,6 +116,29 @@ async fn tls_needs_the_right_ca() {
     );
 }
 
+/// A server certificate the client does not trust is a permanent refusal (retrying
+/// cannot fix it), said with the address and the handshake's reason.
+#[tokio::test]
+async fn an_untrusted_certificate_is_said_plainly_and_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tls_server(dir.path(), &Ca::new("confab"), None).await;
+    let address = format!("https://localhost:{}", server.addr.port());
+    let stranger = Tls {
+        ca_pem: Some(Ca::new("stranger").pem()),
+        identity: None,
+    };
+    let Err(error) = Client::connect_with(&address, Some(&stranger)).await else {
+        panic!("a certificate from an unknown CA was accepted at the handshake");
+    };
+    let said = error.to_string();
+    assert!(
+        said.starts_with(&format!("cannot reach {address}: TLS handshake failed: ")),
+        "{said}"
+    );
+    assert!(said.contains("certificate"), "{said}");
+    assert!(error.is_permanent(), "{said}");
+}
+
 /// With mutual TLS, only clients with a certificate from the client CA get in.
 #[tokio::test]
 async fn mutual_tls_needs_a_client_certificate() {
