@@ -550,6 +550,14 @@ impl ChatSender {
         .await
     }
 
+    /// Chats as `nickname` from now on; `renamed` (with a token for it) or an error answers.
+    pub async fn rename(&self, nickname: &str) -> Result<u64, ClientError> {
+        self.command(Command::Rename(pb::Rename {
+            nickname: nickname.to_owned(),
+        }))
+        .await
+    }
+
     /// Asks for a pong carrying `client_time_micros`.
     pub async fn ping(&self, client_time_micros: i64) -> Result<u64, ClientError> {
         self.command(Command::Ping(pb::Ping { client_time_micros }))

@@ -290,8 +290,10 @@ impl Conversation {
         .await
     }
 
-    /// Uses `nickname` from the next login on: at once after a [`ConnectionState::Refused`]
-    /// login; on a live connection, by reconnecting under it (every room is rejoined).
+    /// Chats as `nickname` from now on: on a live connection the server renames the user
+    /// in place (its rooms see a rename, and a `renamed` event confirms it, or an error
+    /// event says why not); after a [`ConnectionState::Refused`] login, at once; while
+    /// disconnected, from the next login.
     pub async fn set_nickname(&self, nickname: &str) -> Result<(), ClientError> {
         self.op(Op::Nickname(nickname.to_owned())).await
     }
@@ -594,17 +596,9 @@ impl Task {
         let Some(op) = op else {
             return Err(Lost::Closed);
         };
-        let renamed = matches!(op, Op::Nickname(_));
-        if let Err(error) = self.online(op, live).await {
-            return Err(Lost::Retry(error.to_string()));
-        }
-        if renamed {
-            return Err(Lost::Retry(format!(
-                "reconnecting as {:?}",
-                self.config.nickname
-            )));
-        }
-        Ok(())
+        self.online(op, live)
+            .await
+            .map_err(|error| Lost::Retry(error.to_string()))
     }
 
     /// One event from the server: keeps the rooms' positions and the unacked messages
@@ -647,6 +641,14 @@ impl Task {
                 }
             }
             Event::Joined(joined) => self.on_joined(id, joined, live, attempt).await?,
+            Event::Renamed(renamed) => {
+                // Logins from now on (after a reconnect) claim the new nickname with it.
+                self.config.nickname.clone_from(&renamed.nickname);
+                self.token = Some(renamed.token.clone());
+                live.client
+                    .set_token(&renamed.token)
+                    .map_err(|error| Lost::Retry(error.to_string()))?;
+            }
             Event::Left(left) if left.reason != pb::LeaveReason::Requested as i32 => {
                 // Put out by the owner: not to be rejoined on a reconnect.
                 self.rooms.remove(&left.room);
@@ -792,8 +794,10 @@ impl Task {
             Op::Moderate(command) => {
                 sender.command(command).await?;
             }
-            // The loop reconnects under it: the server has no rename of a live login.
-            Op::Nickname(nickname) => self.rename(nickname),
+            // Renamed in place; the `renamed` reply brings the new token.
+            Op::Nickname(nickname) => {
+                sender.rename(&nickname).await?;
+            }
             Op::History(room, direction, seq, limit) => {
                 // A unary call beside the stream, answered from its own task so that the
                 // stream keeps flowing meanwhile.

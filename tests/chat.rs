@@ -472,6 +472,77 @@ async fn a_live_nickname_cannot_be_taken() {
 /// A reader that stops reading while the room floods does not slow the others, and once it
 /// reads again it gets every message exactly once, in order: what fell off the ring is read
 /// from the store.
+/// `rename` moves a live user to another nickname: the rooms of the stream see one rename
+/// event, members and messages carry the new name, the old name is free for others, the
+/// new token works, and a refused rename changes nothing and ends nothing.
+#[tokio::test]
+async fn a_live_user_is_renamed_in_place_and_the_rooms_are_told() {
+    let server = TestServer::start().await;
+    let alice = server.client("alice").await;
+    let bob = server.client("bob").await;
+    let carol = server.client("carol").await;
+    let mut alice_chat = Events::open(&alice).await;
+    let mut bob_chat = Events::open(&bob).await;
+    let mut carol_chat = Events::open(&carol).await;
+    alice_chat.join("lobby", None).await;
+    bob_chat.join("lobby", None).await;
+    carol_chat.join("lobby", None).await;
+
+    // Taken by bob: refused, naming the field; alice is still alice, and chats on.
+    let id = alice_chat.chat.sender().rename("Bob").await.unwrap();
+    let (code, fields) = common::command_error(alice_chat.reply(id).await);
+    assert_eq!((code, fields), (Code::AlreadyExists, vec![]));
+    alice_chat.say("lobby", "still alice").await;
+    assert_eq!(bob_chat.message().await.sender, "alice");
+
+    let id = alice_chat.chat.sender().rename("Alicia").await.unwrap();
+    let renamed = match alice_chat.reply(id).await {
+        Event::Renamed(renamed) => renamed,
+        other => panic!("expected renamed, got {other:?}"),
+    };
+    assert_eq!(renamed.nickname, "Alicia");
+    let told = bob_chat
+        .until(
+            "the rename",
+            |e| matches!(&e.event, Some(Event::Presence(p)) if p.kind() == PresenceKind::Renamed),
+        )
+        .await;
+    let Some(Event::Presence(presence)) = told.event else {
+        unreachable!()
+    };
+    assert_eq!(
+        (presence.previous.as_str(), presence.user.as_str()),
+        ("alice", "Alicia")
+    );
+
+    alice_chat.say("lobby", "as alicia").await;
+    assert_eq!(bob_chat.message().await.sender, "Alicia");
+    let members = bob
+        .rpc()
+        .list_members(confab::pb::ListMembersRequest {
+            room: "lobby".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(members, ["Alicia", "bob", "carol"]);
+
+    // The new token speaks for the new name; the old name is free for someone else.
+    let mut again = server.anonymous().await;
+    again.set_token(&renamed.token).unwrap();
+    let room = again
+        .rpc()
+        .get_room(confab::pb::GetRoomRequest {
+            room: "lobby".into(),
+        })
+        .await;
+    assert!(room.is_ok(), "{room:?}");
+    let newcomer = server.client("alice").await;
+    assert_eq!(newcomer.nickname(), Some("alice"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
     const MESSAGES: u64 = 20_000;

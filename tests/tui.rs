@@ -76,6 +76,34 @@ async fn two_clients_chat_and_quit_restores_the_terminal() {
     );
 }
 
+/// `/nick NAME` while connected renames in place: the other client sees it said once, and
+/// what is sent next comes from the new name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nick_renames_a_connected_user_in_place() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let alice = Tmux::start(
+        "alice",
+        &format!("--server {url} --nick alice --room lobby"),
+    );
+    let bob = Tmux::start("bob", &format!("--server {url} --nick bob --room lobby"));
+    alice.wait_for_text("● connected").await;
+    bob.wait_for_text("● connected").await;
+    bob.wait_for_text("alice").await;
+
+    alice.type_text("/nick alicia");
+    alice.press("Enter");
+    alice.wait_for_text("you are now alicia").await;
+    let screen = bob.wait_for_text("alice is now known as alicia").await;
+    assert!(
+        !screen.contains("← alice left"),
+        "a rename, not a leave:\n{screen}"
+    );
+    alice.type_text("hello again");
+    alice.press("Enter");
+    bob.wait_for_text("<alicia> hello again").await;
+}
+
 /// The server restarts under a connected client: the client shows it, reconnects by
 /// itself, and shows what was sent while it was away, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

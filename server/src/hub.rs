@@ -700,7 +700,52 @@ impl Room {
                 user: user.to_owned(),
                 kind: kind as i32,
                 at: Some(now()),
+                previous: String::new(),
             })));
+    }
+
+    /// One of `old`'s streams is `new` from now on: the member set follows, and the room
+    /// hears of it as a rename when that was `old`'s last stream and `new`'s first (as a
+    /// join or a leave when the user is present under the other name on another stream).
+    /// The new name's removal signal, for the stream's `Presence`.
+    fn rename(&self, old: &str, new: &str) -> watch::Receiver<Option<Arc<Removal>>> {
+        let mut state = self.state();
+        let old_gone = match state.members.get_mut(old) {
+            Some(streams) if *streams > 1 => {
+                *streams -= 1;
+                false
+            }
+            _ => {
+                state.members.remove(old);
+                state.removals.remove(&nickname::key(old));
+                true
+            }
+        };
+        let streams = state.members.entry(new.to_owned()).or_insert(0);
+        *streams += 1;
+        let new_here = *streams == 1;
+        let removed = state
+            .removals
+            .entry(nickname::key(new))
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        match (old_gone, new_here) {
+            (true, true) => {
+                let _ = self
+                    .events
+                    .send(RoomEvent::Presence(Arc::new(pb::PresenceEvent {
+                        room: self.name.clone(),
+                        user: new.to_owned(),
+                        kind: PresenceKind::Renamed as i32,
+                        at: Some(now()),
+                        previous: old.to_owned(),
+                    })));
+            }
+            (true, false) => self.presence(old, PresenceKind::Left),
+            (false, true) => self.presence(new, PresenceKind::Joined),
+            (false, false) => {}
+        }
+        removed
     }
 }
 
@@ -776,6 +821,18 @@ pub struct Presence {
 }
 
 impl Presence {
+    /// Whether `new` may be in this presence's room (checked for every room before a
+    /// rename changes any).
+    pub fn admits(&self, new: &str) -> Result<(), ChatError> {
+        self.room.admit(new)
+    }
+
+    /// This stream's user is `new` from now on (see `Room::rename`).
+    pub fn rename(&mut self, new: &str) {
+        self.removed = self.room.rename(&self.user, new);
+        new.clone_into(&mut self.user);
+    }
+
     /// Resolves when the owner kicks or bans the user (never, otherwise).
     pub fn removed(&self) -> impl std::future::Future<Output = Arc<Removal>> + Send + 'static {
         let mut removed = self.removed.clone();

@@ -443,7 +443,14 @@ impl ChatService for ChatServer {
         let guard = self.hub.limits().open_stream(&user.nickname)?;
         let claim = self.nicknames.open_stream(&user);
         let span = tracing::info_span!("chat", user = %user.nickname);
-        let session = Session::new(self.hub.clone(), user, claim, guard, self.max_text_bytes);
+        let session = Session::new(
+            self.hub.clone(),
+            self.auth.clone(),
+            user,
+            claim,
+            guard,
+            self.max_text_bytes,
+        );
         let (out, stream) = Outbound::channel(
             self.shutdown.clone(),
             self.stall_timeout,

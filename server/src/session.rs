@@ -19,7 +19,7 @@ use futures::{FutureExt as _, StreamExt as _, stream};
 use tonic::Streaming;
 
 use crate::{
-    auth::{Identity, StreamClaim},
+    auth::{AuthMode, Identity, StreamClaim},
     cursor::{Delivery, DeliveryStream},
     cursor_set::CursorSet,
     error::{ChatError, quote},
@@ -40,8 +40,11 @@ pub struct Session {
     rooms: HashMap<String, Presence>,
     /// The longest text a message may have.
     max_text_bytes: usize,
-    /// Keeps the nickname claimed while the stream is open.
-    _claim: StreamClaim,
+    /// Keeps the nickname claimed while the stream is open (replaced by a rename).
+    claim: StreamClaim,
+    /// How callers prove who they are: the nickname registry and the token issuer, for
+    /// renames.
+    auth: Arc<AuthMode>,
     /// Counts the stream as open, and against its user's limit.
     _open: (Held, StreamGuard),
 }
@@ -50,6 +53,7 @@ impl Session {
     /// A session for `user`.
     pub fn new(
         hub: Arc<Hub>,
+        auth: Arc<AuthMode>,
         user: Identity,
         claim: StreamClaim,
         stream: StreamGuard,
@@ -61,7 +65,8 @@ impl Session {
             user,
             rooms: HashMap::new(),
             max_text_bytes,
-            _claim: claim,
+            claim,
+            auth,
             _open: open,
         }
     }
@@ -183,7 +188,7 @@ impl Session {
             let error = ChatError::invalid(
                 "command",
                 "the frame has no command: set one of join, leave, send, typing, ping, \
-                 set_topic, invite, kick, ban",
+                 set_topic, invite, kick, ban, rename",
             );
             return refuse(out, request_id, error).await;
         };
@@ -242,6 +247,10 @@ impl Session {
                 .await
                 .map(Some)
                 .map_err(|e| e.within("ban")),
+            Command::Rename(rename) => self
+                .rename(&rename.nickname)
+                .map(|renamed| Some(Event::Renamed(renamed)))
+                .map_err(|e| e.within("rename")),
             Command::Ping(ping) => Ok(Some(Event::Pong(pb::Pong {
                 client_time_micros: ping.client_time_micros,
                 server_time: Some(std::time::SystemTime::now().into()),
@@ -252,6 +261,36 @@ impl Session {
             Ok(None) => Ok(()),
             Err(error) => refuse(out, request_id, error).await,
         }
+    }
+
+    /// Moves this stream's login to `nickname`: every joined room must admit the new name
+    /// first; then the claim moves, the rooms hear of it, and a token for it is issued.
+    fn rename(&mut self, nickname: &str) -> Result<pb::Renamed, ChatError> {
+        let AuthMode::Sessions { tokens, nicknames } = self.auth.as_ref() else {
+            return Err(ChatError::precondition(
+                "nickname",
+                "this server takes nicknames from its identity provider",
+            ));
+        };
+        let nickname = validate::nickname("nickname", nickname)?;
+        for presence in self.rooms.values() {
+            presence
+                .admits(&nickname)
+                .map_err(|e| ChatError::denied("nickname", e.to_string()))?;
+        }
+        let renamed = nicknames.rename(&self.user, &nickname)?;
+        self.claim = nicknames.open_stream(&renamed);
+        for presence in self.rooms.values_mut() {
+            presence.rename(&renamed.nickname);
+        }
+        tracing::info!(from = %self.user.nickname, to = %renamed.nickname, "renamed");
+        let (token, expires) = tokens.issue(&renamed);
+        self.user = renamed;
+        Ok(pb::Renamed {
+            nickname: self.user.nickname.clone(),
+            token,
+            expires_at: Some(expires.into()),
+        })
     }
 
     async fn join(

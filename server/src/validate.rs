@@ -171,6 +171,9 @@ pub fn command(command: &Command, max_text_bytes: usize) -> Result<(), Violation
             moderation(room, user, reason).map_err(|v| v.within("ban"))
         }
         Command::Ping(_) => Ok(()),
+        Command::Rename(rename) => nickname("nickname", &rename.nickname)
+            .map(drop)
+            .map_err(|v| v.within("rename")),
     }
 }
 

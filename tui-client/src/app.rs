@@ -91,6 +91,15 @@ pub enum Entry {
         /// `/me` action.
         action: bool,
     },
+    /// Someone changed their nickname.
+    Renamed {
+        /// When.
+        at: SystemTime,
+        /// The old nickname.
+        from: String,
+        /// The new one.
+        to: String,
+    },
     /// Someone arrived or left.
     Presence {
         /// When.
@@ -138,9 +147,10 @@ impl Entry {
     /// When it happened, for timestamps and day separators (notices have none).
     pub fn at(&self) -> Option<SystemTime> {
         match self {
-            Entry::Message { at, .. } | Entry::Presence { at, .. } | Entry::Topic { at, .. } => {
-                Some(*at)
-            }
+            Entry::Message { at, .. }
+            | Entry::Presence { at, .. }
+            | Entry::Renamed { at, .. }
+            | Entry::Topic { at, .. } => Some(*at),
             Entry::Info(_) | Entry::Error(_) => None,
         }
     }
@@ -486,8 +496,12 @@ impl App {
             Command::Ban(user, reason) => effects.push(Effect::Ban { room, user, reason }),
             Command::Rooms => effects.push(Effect::ListRooms),
             Command::Nick(nickname) => {
-                self.notice(Entry::Info(format!("you are now {nickname}")));
-                self.nickname.clone_from(&nickname);
+                // Connected, the server's `renamed` reply says it is done (or an error why
+                // not); refused or offline, the next login uses it.
+                if !matches!(self.connection, ConnectionState::Connected { .. }) {
+                    self.notice(Entry::Info(format!("you will be {nickname}")));
+                    self.nickname.clone_from(&nickname);
+                }
                 effects.push(Effect::Nick(nickname));
             }
             Command::Help => {
@@ -725,6 +739,10 @@ impl App {
             ServerEvent::ModerationDone(done) => {
                 self.notice(Entry::Info(format!("done: {} in {}", done.user, done.room)));
             }
+            ServerEvent::Renamed(renamed) => {
+                self.nickname.clone_from(&renamed.nickname);
+                self.notice(Entry::Info(format!("you are now {}", renamed.nickname)));
+            }
             ServerEvent::Ack(_) | ServerEvent::Reconnect(_) => {}
         }
     }
@@ -751,20 +769,39 @@ impl App {
     fn on_presence(&mut self, presence: pb::PresenceEvent) {
         let shown = self.active_name();
         let cap = self.scrollback;
-        let joined = presence.kind() == PresenceKind::Joined;
+        let kind = presence.kind();
         let Some(room) = self.room_mut(&presence.room) else {
             return;
         };
-        if joined {
-            room.members.insert(presence.user.clone());
-        } else {
-            room.members.remove(&presence.user);
-            room.typing.remove(&presence.user);
-        }
-        let entry = Entry::Presence {
-            at: timestamp(presence.at),
-            user: presence.user,
-            joined,
+        let at = timestamp(presence.at);
+        let entry = match kind {
+            PresenceKind::Renamed => {
+                room.members.remove(&presence.previous);
+                room.typing.remove(&presence.previous);
+                room.members.insert(presence.user.clone());
+                Entry::Renamed {
+                    at,
+                    from: presence.previous,
+                    to: presence.user,
+                }
+            }
+            PresenceKind::Joined => {
+                room.members.insert(presence.user.clone());
+                Entry::Presence {
+                    at,
+                    user: presence.user,
+                    joined: true,
+                }
+            }
+            PresenceKind::Left | PresenceKind::Unspecified => {
+                room.members.remove(&presence.user);
+                room.typing.remove(&presence.user);
+                Entry::Presence {
+                    at,
+                    user: presence.user,
+                    joined: false,
+                }
+            }
         };
         let visible = shown.as_deref() == Some(presence.room.as_str());
         push_quiet(room, entry, visible, cap);
@@ -1134,6 +1171,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_rename_moves_the_member_and_is_said_once() {
+        let mut app = app();
+        app.update(joined("lobby", &["alice", "bob"], ""));
+        app.update(server(ServerEvent::Presence(pb::PresenceEvent {
+            room: "lobby".into(),
+            user: "robert".into(),
+            kind: PresenceKind::Renamed as i32,
+            at: None,
+            previous: "bob".into(),
+        })));
+        let room = &app.rooms[0];
+        assert_eq!(room.members.iter().collect::<Vec<_>>(), ["alice", "robert"]);
+        assert_eq!(
+            room.entries.back(),
+            Some(&Entry::Renamed {
+                at: UNIX_EPOCH,
+                from: "bob".into(),
+                to: "robert".into()
+            })
+        );
+    }
+
+    #[test]
     fn presence_and_typing_follow_the_room() {
         let mut app = app();
         app.update(joined("lobby", &["alice"], "hi"));
@@ -1142,6 +1202,7 @@ pub(crate) mod tests {
             user: "bob".into(),
             kind: PresenceKind::Joined as i32,
             at: None,
+            previous: String::new(),
         })));
         app.update(server(ServerEvent::Typing(pb::TypingEvent {
             room: "lobby".into(),

@@ -189,10 +189,15 @@ fn json_line(event: &ConversationEvent) -> Option<Value> {
                 "kind": "ack", "room": a.room, "seq": a.seq,
                 "client_msg_id": a.client_msg_id, "duplicate": a.duplicate,
             }),
-            Event::Presence(p) => json!({
-                "kind": if p.kind() == pb::PresenceKind::Joined { "join" } else { "leave" },
-                "room": p.room, "from": p.user,
-            }),
+            Event::Presence(p) => match p.kind() {
+                pb::PresenceKind::Renamed => json!({
+                    "kind": "rename", "room": p.room, "from": p.previous, "to": p.user,
+                }),
+                kind => json!({
+                    "kind": if kind == pb::PresenceKind::Joined { "join" } else { "leave" },
+                    "room": p.room, "from": p.user,
+                }),
+            },
             Event::Typing(t) => {
                 json!({"kind": "typing", "room": t.room, "from": t.user, "typing": t.typing})
             }
@@ -211,6 +216,7 @@ fn json_line(event: &ConversationEvent) -> Option<Value> {
                 "kind": "left", "room": l.room,
                 "reason": l.reason().as_str_name(), "by": l.by, "text": l.message,
             }),
+            Event::Renamed(r) => json!({"kind": "renamed", "nickname": r.nickname}),
             Event::ModerationDone(d) => {
                 json!({"kind": "moderation_done", "room": d.room, "user": d.user})
             }

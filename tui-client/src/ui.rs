@@ -224,6 +224,12 @@ fn entry_lines(app: &App, entry: &Entry, width: usize) -> Vec<Line<'static>> {
             spans.push((user.clone(), Style::new().fg(nick_colour(user)).dim()));
             spans.push((format!(" {verb}"), Style::new().dim()));
         }
+        Entry::Renamed { from, to, .. } => {
+            spans.push(("↔ ".into(), Style::new().dim()));
+            spans.push((from.clone(), Style::new().fg(nick_colour(from)).dim()));
+            spans.push((" is now known as ".into(), Style::new().dim()));
+            spans.push((to.clone(), Style::new().fg(nick_colour(to))));
+        }
         Entry::Topic { by, topic, .. } => {
             spans.push(("✎ ".into(), Style::new().dim()));
             spans.push((by.clone(), Style::new().fg(nick_colour(by))));

@@ -87,6 +87,7 @@ fn accepted(command: &pb::chat_request::Command) {
             room(r);
             nick(user);
         }
+        Command::Rename(rename) => nick(&rename.nickname),
         Command::Ping(_) => {}
     }
 }

@@ -115,6 +115,25 @@ impl Nicknames {
         })
     }
 
+    /// Moves `from`'s login to `nickname` (enforced already): claimed as [`Nicknames::claim`]
+    /// would (ALREADY_EXISTS while another login holds it or a look-alike), then the old
+    /// nickname is released. The caller opens a [`StreamClaim`] for the new identity.
+    pub fn rename(&self, from: &Identity, nickname: &str) -> Result<Identity, ChatError> {
+        let to = self.claim(
+            nickname,
+            Some(&Identity {
+                nickname: nickname.to_owned(),
+                login: from.login,
+            }),
+        )?;
+        let old = nickname::key(&from.nickname);
+        if old != nickname::key(nickname) {
+            self.claims
+                .remove_if(&old, |_, claim| claim.login == from.login);
+        }
+        Ok(to)
+    }
+
     /// The live holder of a look-alike of the nickname keyed `key`, if there is one.
     fn lookalike(&self, skeleton: &Entry<'_, String, Holder>, key: &str) -> Option<Holder> {
         let Entry::Occupied(holder) = skeleton else {
