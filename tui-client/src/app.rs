@@ -708,6 +708,9 @@ impl App {
                 push(room, Entry::message(&message), visible, cap);
             }
             ServerEvent::Presence(presence) => self.on_presence(presence),
+            // The server skips a stream's own typing notices by name; after a rename that
+            // name is the old one, so the client skips its own too.
+            ServerEvent::Typing(typing) if typing.user == self.nickname => {}
             ServerEvent::Typing(typing) => {
                 let now = self.now;
                 if let Some(room) = self.room_mut(&typing.room) {
@@ -1168,6 +1171,18 @@ pub(crate) mod tests {
             modifiers: KeyModifiers::NONE,
         }));
         assert_eq!(app.rooms[0].scroll, 3);
+    }
+
+    #[test]
+    fn ones_own_typing_notice_is_not_shown() {
+        let mut app = app();
+        app.update(joined("lobby", &["alice"], ""));
+        app.update(server(ServerEvent::Typing(pb::TypingEvent {
+            room: "lobby".into(),
+            user: "alice".into(),
+            typing: true,
+        })));
+        assert!(app.rooms[0].typing.is_empty());
     }
 
     #[test]
