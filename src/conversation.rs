@@ -504,15 +504,18 @@ impl Task {
         // only when the stream has room, and reads events all the while. (A client that
         // waited to send while the server waited for it to read would never move again.)
         loop {
-            let sender = live.sender.clone();
+            let has_room = live.sender.has_room();
+            let sending = !live.unsent.is_empty();
+            // The branches' futures are dropped before a handler runs, so the handlers may
+            // take `live` mutably.
             let step = tokio::select! {
-                () = pace(live.pacer.as_ref(), live.hold_until), if !live.unsent.is_empty() && sender.has_room() => {
+                () = pace(live.pacer.as_ref(), live.hold_until), if sending && has_room => {
                     live.send_next().await
                 }
                 // A full stream frees up as the server reads: wait for its queue (frames
                 // such as typing notices get no reply that would wake this loop).
-                () = sender.room(), if !sender.has_room() => Ok(()),
-                op = self.ops.recv(), if live.unsent.is_empty() && sender.has_room() => {
+                () = live.sender.room(), if !has_room => Ok(()),
+                op = self.ops.recv(), if !sending && has_room => {
                     self.command(op, &mut live).await
                 }
                 event = events.message() => match event {

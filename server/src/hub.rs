@@ -222,6 +222,10 @@ impl RecentSends {
                 }
             }
         }
+        // Most rooms have nothing stored within the window: no hash to compute.
+        if self.counts.is_empty() {
+            return false;
+        }
         let fingerprint = self.fingerprint(&key.0, &key.1);
         self.counts.contains_key(&fingerprint)
     }

@@ -69,6 +69,16 @@ pub fn enforce(name: &str) -> Result<String, NicknameError> {
 /// not nicknames (never stored, but a client may name one in a command), the lower-cased
 /// name, which matches no nickname's key by accident of case alone.
 pub fn key(nickname: &str) -> String {
+    // Printable ASCII is its own PRECIS form (allowed, nothing to map or normalise), so its
+    // key is its lower case: the common case, and one that every send and call pays for.
+    if !nickname.is_empty() && nickname.bytes().all(|b| b.is_ascii_graphic()) {
+        return nickname.to_ascii_lowercase();
+    }
+    precis_key(nickname)
+}
+
+/// [`key`] by the profile's rules, whatever the name.
+fn precis_key(nickname: &str) -> String {
     let profile = Nickname::new();
     Nickname::enforce(nickname)
         .and_then(|enforced| profile.case_mapping_rule(enforced))
@@ -125,6 +135,16 @@ mod tests {
         assert_eq!(key("ZOË"), key("zoe\u{308}"));
         assert_eq!(key("李雷"), "李雷");
         assert_ne!(key("zoe"), key("zoë"));
+    }
+
+    #[test]
+    fn the_ascii_shortcut_gives_the_profiles_key() {
+        let names = (0x21u8..=0x7e)
+            .map(|b| char::from(b).to_string())
+            .chain(["Alice", "a.b-c_D", "X:Y", "~tilde", "ALL-CAPS_9"].map(String::from));
+        for name in names {
+            assert_eq!(key(&name), precis_key(&name), "{name:?}");
+        }
     }
 
     #[test]

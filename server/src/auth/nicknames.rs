@@ -153,6 +153,14 @@ impl Nicknames {
     /// it) meanwhile.
     pub fn admit(&self, identity: &Identity) -> bool {
         let key = nickname::key(&identity.nickname);
+        // The common case, on every call: the caller's own claim. It passed the look-alike
+        // check when it was taken, so the skeleton index is not needed.
+        if let Some(mut claim) = self.claims.get_mut(&key)
+            && claim.login == identity.login
+        {
+            claim.last_seen = Instant::now();
+            return true;
+        }
         let skeleton = self.skeletons.entry(nickname::skeleton(&identity.nickname));
         if self.lookalike(&skeleton, &key).is_some() {
             return false;
