@@ -140,16 +140,7 @@ async fn presence_is_announced_on_join_and_leave() {
     };
     assert_eq!(p.kind(), PresenceKind::Left);
 
-    let members = alice
-        .rpc()
-        .list_members(confab::pb::ListMembersRequest {
-            room: "den".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .members;
+    let members = common::members(&alice, "den").await;
     assert_eq!(members, ["alice"]);
 }
 
@@ -517,16 +508,7 @@ async fn a_live_user_is_renamed_in_place_and_the_rooms_are_told() {
 
     alice_chat.say("lobby", "as alicia").await;
     assert_eq!(bob_chat.message().await.sender, "Alicia");
-    let members = bob
-        .rpc()
-        .list_members(confab::pb::ListMembersRequest {
-            room: "lobby".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .members;
+    let members = common::members(&bob, "lobby").await;
     assert_eq!(members, ["Alicia", "bob", "carol"]);
 
     // The new token speaks for the new name; the old name is free for someone else.

@@ -23,11 +23,8 @@ use tmux::{Tmux, input_line};
 
 const CONFAB: &str = env!("CARGO_BIN_EXE_confab");
 
-/// Two clients talk; `/join`, `/me` and `/quit` work; after `/quit` the terminal is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clients_chat_and_quit_restores_the_terminal() {
-    let server = TestServer::start().await;
-    let url = server.url();
+/// `confab` as alice and as bob, both in `lobby` at `url` and connected.
+async fn alice_and_bob(url: &str) -> (Tmux, Tmux) {
     let alice = Tmux::start(
         "alice",
         &format!("--server {url} --nick alice --room lobby"),
@@ -35,6 +32,15 @@ async fn two_clients_chat_and_quit_restores_the_terminal() {
     let bob = Tmux::start("bob", &format!("--server {url} --nick bob --room lobby"));
     alice.wait_for_text("● connected").await;
     bob.wait_for_text("● connected").await;
+    (alice, bob)
+}
+
+/// Two clients talk; `/join`, `/me` and `/quit` work; after `/quit` the terminal is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_chat_and_quit_restores_the_terminal() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let (alice, bob) = alice_and_bob(&url).await;
     assert_eq!(
         alice.pane("#{alternate_on} #{mouse_any_flag}"),
         "1 1",
@@ -82,13 +88,7 @@ async fn two_clients_chat_and_quit_restores_the_terminal() {
 async fn nick_renames_a_connected_user_in_place() {
     let server = TestServer::start().await;
     let url = server.url();
-    let alice = Tmux::start(
-        "alice",
-        &format!("--server {url} --nick alice --room lobby"),
-    );
-    let bob = Tmux::start("bob", &format!("--server {url} --nick bob --room lobby"));
-    alice.wait_for_text("● connected").await;
-    bob.wait_for_text("● connected").await;
+    let (alice, bob) = alice_and_bob(&url).await;
     bob.wait_for_text("alice").await;
 
     alice.type_text("/nick alicia");

@@ -297,6 +297,20 @@ impl Events {
     }
 }
 
+/// The first page of `room`'s members, as `client`'s user sees it.
+pub async fn members(client: &Client, room: &str) -> Vec<String> {
+    client
+        .rpc()
+        .list_members(confab::pb::ListMembersRequest {
+            room: room.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list the members")
+        .into_inner()
+        .members
+}
+
 /// Creates room `room` as `client`'s user.
 pub async fn create_room(client: &Client, room: &str) {
     client
