@@ -1,6 +1,6 @@
-//! Errors never echo a client's input at length: every entry point, given a 60,000-byte
-//! value, answers INVALID_ARGUMENT naming the field, with a message and details that quote
-//! at most a few dozen bytes of the value, so the trailers (or the in-band error event)
+//! Errors never echo a client's input at length: every entry point (page tokens included),
+//! given a 60,000-byte value, answers INVALID_ARGUMENT naming the field, with a message and
+//! details that quote at most a few dozen bytes of the value, so the trailers (or the in-band error event)
 //! stay well under 1 KiB and a standard client with default metadata limits reads them.
 //!
 //! The values are 30,000 × `Ä` (two bytes of UTF-8 each): the worst case, since
@@ -167,6 +167,44 @@ async fn room_names_of_unary_calls() {
         .await
         .unwrap_err();
     assert_refused("GetHistory", status, "room");
+}
+
+#[tokio::test]
+async fn page_tokens() {
+    let server = TestServer::start().await;
+    let mut rpc = server.client("alice").await.rpc();
+    rpc.create_room(pb::CreateRoomRequest {
+        room: "r".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("create the room");
+    let status = rpc
+        .list_rooms(pb::ListRoomsRequest {
+            page_size: 0,
+            page_token: huge(),
+        })
+        .await
+        .unwrap_err();
+    assert_refused("ListRooms", status, "page_token");
+    let status = rpc
+        .list_members(pb::ListMembersRequest {
+            room: "r".into(),
+            page_size: 0,
+            page_token: huge(),
+        })
+        .await
+        .unwrap_err();
+    assert_refused("ListMembers", status, "page_token");
+    let status = rpc
+        .get_history(pb::GetHistoryRequest {
+            room: "r".into(),
+            page_token: huge(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_refused("GetHistory", status, "page_token");
 }
 
 #[tokio::test]
