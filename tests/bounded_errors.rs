@@ -1,7 +1,8 @@
 //! Errors never echo a client's input at length: every entry point (page tokens included),
 //! given a 60,000-byte value, answers INVALID_ARGUMENT naming the field, with a message and
-//! details that quote at most a few dozen bytes of the value, so the trailers (or the in-band error event)
-//! stay well under 1 KiB and a standard client with default metadata limits reads them.
+//! details that quote at most a few dozen bytes of the value, so the trailers (or the
+//! in-band error event) stay well under 1 KiB and a standard client with default metadata
+//! limits reads them.
 //!
 //! The values are 30,000 × `Ä` (two bytes of UTF-8 each): the worst case, since
 //! `grpc-message` percent-encodes every byte outside printable ASCII as three.
