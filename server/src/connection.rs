@@ -251,18 +251,26 @@ mod tests {
         (incoming, client)
     }
 
-    /// What the peer has received so far, without waiting for more.
-    async fn received(peer: &mut TcpStream) -> Vec<u8> {
-        // Loopback delivers a write at once; a moment covers the scheduler.
+    /// Exactly `n` bytes from the peer, waiting for them (with a deadline).
+    async fn receive(peer: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            peer.read_exact(&mut got),
+        )
+        .await
+        .expect("the bytes arrive")
+        .expect("read");
+        got
+    }
+
+    /// Whether nothing has reached the peer. Loopback delivers a write at once, so a
+    /// moment's wait shows a write that happened; there is no event to wait for when
+    /// nothing was written.
+    async fn nothing_received(peer: &mut TcpStream) -> bool {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let mut got = Vec::new();
-        let mut buf = [0u8; 128 * 1024];
-        loop {
-            match peer.try_read(&mut buf) {
-                Ok(0) | Err(_) => return got,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
+        let mut buf = [0u8; 1];
+        matches!(peer.try_read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Counts its wake-ups.
@@ -282,10 +290,7 @@ mod tests {
         for chunk in [&b"one "[..], b"two ", b"three"] {
             server.write_all(chunk).await.unwrap();
         }
-        assert!(
-            received(&mut peer).await.is_empty(),
-            "nothing before a flush"
-        );
+        assert!(nothing_received(&mut peer).await, "nothing before a flush");
 
         // The first poll of a flush lets the scheduler run once (waking itself), the
         // next writes everything in one go.
@@ -294,12 +299,12 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         assert!(Pin::new(&mut server).poll_flush(&mut cx).is_pending());
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "it asked to run again");
-        assert!(received(&mut peer).await.is_empty(), "still gathered");
+        assert!(nothing_received(&mut peer).await, "still gathered");
         assert!(matches!(
             Pin::new(&mut server).poll_flush(&mut cx),
             Poll::Ready(Ok(()))
         ));
-        assert_eq!(received(&mut peer).await, b"one two three");
+        assert_eq!(receive(&mut peer, 13).await, b"one two three");
     }
 
     #[tokio::test]
@@ -309,7 +314,11 @@ mod tests {
         let large = vec![7u8; DIRECT_WRITE];
         let written = server.write(&large).await.unwrap();
         assert!(written > 0);
-        assert_eq!(received(&mut peer).await.len(), written, "no flush needed");
+        assert_eq!(
+            receive(&mut peer, written).await,
+            large[..written],
+            "no flush needed"
+        );
     }
 
     #[tokio::test]
@@ -321,17 +330,18 @@ mod tests {
             server.write_all(&chunk).await.unwrap();
         }
         assert!(
-            received(&mut peer).await.is_empty(),
+            nothing_received(&mut peer).await,
             "exactly at the limit: held"
         );
         server.write_all(b"one more").await.unwrap();
         assert_eq!(
-            received(&mut peer).await.len(),
+            receive(&mut peer, GATHER_LIMIT).await.len(),
             GATHER_LIMIT,
             "the held bytes went out before more were taken"
         );
+        assert!(nothing_received(&mut peer).await, "the new bytes are held");
         server.flush().await.unwrap();
-        assert_eq!(received(&mut peer).await, b"one more");
+        assert_eq!(receive(&mut peer, 8).await, b"one more");
     }
 
     #[tokio::test]
