@@ -19,6 +19,7 @@ use std::{sync::Arc, time::Duration};
 use confab::MessageKind;
 use confab_server::{
     cursor::Delivery,
+    engine::LocalEngine,
     hub::{Hub, HubConfig, RoomEvent},
     limits::{LimitConfig, Limits},
     metrics::Metrics,
@@ -36,17 +37,16 @@ fn hub() -> Hub {
 fn hub_on(store: Arc<dyn Store>) -> Hub {
     let metrics = Arc::new(Metrics::new());
     let limits = Limits::new(LimitConfig::unlimited(), metrics.clone()).unwrap();
+    let engine = LocalEngine::open(store, Duration::from_secs(600), metrics.clone()).unwrap();
     Hub::new(
-        store,
+        Arc::new(engine),
         HubConfig {
             ring_capacity: 1024,
             history_on_join: 0,
-            dedupe_window: Duration::from_secs(600),
         },
         Arc::new(limits),
         metrics,
     )
-    .unwrap()
 }
 
 /// One round: `readers` cursors receive `MESSAGES` appends; returns the time it took.
@@ -55,7 +55,7 @@ async fn round(readers: u64) -> Duration {
     let room = hub.open_room("bench", "publisher").await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..readers {
-        let mut cursor = room.tail(hub.store().clone(), None);
+        let mut cursor = room.tail(None).await.unwrap();
         tasks.push(tokio::spawn(async move {
             let mut seen = 0;
             while seen < MESSAGES {

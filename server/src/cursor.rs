@@ -23,12 +23,12 @@ use futures::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{
+    engine::Removal,
     error::ChatError,
-    hub::{Removal, Room, RoomEvent},
-    store::Store,
+    hub::{Room, RoomEvent},
 };
 
-/// Messages read from the store at a time when replaying.
+/// Messages read from the log at a time when replaying.
 const REPLAY_CHUNK: usize = 256;
 
 /// A cursor as a stream; a session keeps one per room in its [`crate::cursor_set::CursorSet`].
@@ -52,10 +52,8 @@ pub enum Delivery {
 
 /// One reader's position in one room.
 pub struct Cursor {
-    /// The room, for its name and head seq.
+    /// The room, for its name, its head seq and the engine replayed messages come from.
     room: Arc<Room>,
-    /// Where replayed messages come from.
-    store: Arc<dyn Store>,
     /// The reader's position in the room's ring.
     live: broadcast::Receiver<RoomEvent>,
     /// The seq of the next message to deliver.
@@ -73,7 +71,6 @@ impl Cursor {
     /// store, then live ones from `live` (which was subscribed when `head` was read).
     pub(crate) fn new(
         room: Arc<Room>,
-        store: Arc<dyn Store>,
         live: broadcast::Receiver<RoomEvent>,
         after_seq: u64,
         head: u64,
@@ -81,7 +78,6 @@ impl Cursor {
     ) -> Self {
         Self {
             room,
-            store,
             live,
             next_seq: after_seq + 1,
             replay_until: head,
@@ -104,7 +100,7 @@ impl Cursor {
                 return Ok(Some(Delivery::Event(RoomEvent::Message(message))));
             }
             if self.next_seq <= self.replay_until {
-                if let Some(gap) = self.refill()? {
+                if let Some(gap) = self.refill().await? {
                     return Ok(Some(gap));
                 }
                 continue;
@@ -150,13 +146,17 @@ impl Cursor {
 
     /// Reads the next chunk of `next_seq..=replay_until` into the backlog. Returns a gap
     /// when the store no longer has the first of those messages.
-    fn refill(&mut self) -> Result<Option<Delivery>, ChatError> {
+    async fn refill(&mut self) -> Result<Option<Delivery>, ChatError> {
         let wanted = usize::try_from(self.replay_until - self.next_seq + 1).unwrap_or(usize::MAX);
-        let messages = self.store.read_after(
-            self.room.name(),
-            self.next_seq - 1,
-            wanted.min(REPLAY_CHUNK),
-        )?;
+        let messages = self
+            .room
+            .engine()
+            .read_after(
+                self.room.name(),
+                self.next_seq - 1,
+                wanted.min(REPLAY_CHUNK),
+            )
+            .await?;
         let first = messages.first().map_or(self.replay_until + 1, |m| m.seq);
         self.backlog.extend(
             messages

@@ -10,7 +10,7 @@ use confab::pb;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::store::StoreError;
+use crate::{engine::EngineError, store::StoreError};
 
 /// How many bytes of a client's value an error quotes at most (escaped); the rest is cut.
 pub const QUOTE_BYTES: usize = 48;
@@ -136,9 +136,13 @@ pub enum ChatError {
     /// The server is shutting down: UNAVAILABLE.
     #[error("the server is shutting down; reconnect")]
     ShuttingDown,
-    /// The store failed: INTERNAL (details are logged, not sent).
-    #[error("storage failure")]
-    Store(#[from] StoreError),
+    /// The engine failed: UNAVAILABLE when it is out of reach (the client may retry),
+    /// INTERNAL otherwise (details are logged, not sent).
+    #[error("{}", match .0 {
+        EngineError::Unavailable(_) => "storage is unreachable for now; try again",
+        _ => "storage failure",
+    })]
+    Engine(#[from] EngineError),
 }
 
 impl ChatError {
@@ -184,7 +188,8 @@ impl ChatError {
             Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::ResourceExhausted { .. } => Code::ResourceExhausted,
             Self::ShuttingDown => Code::Unavailable,
-            Self::Store(_) => Code::Internal,
+            Self::Engine(EngineError::Unavailable(_)) => Code::Unavailable,
+            Self::Engine(_) => Code::Internal,
         }
     }
 
@@ -248,11 +253,22 @@ impl ChatError {
         }
     }
 
-    /// Store failures are the server's fault: log the cause, send the client only the code.
+    /// Engine failures are the server's business: log the cause, send the client only
+    /// the code.
     fn log(&self) {
-        if let Self::Store(source) = self {
-            tracing::error!(error = %source, "store failure");
+        match self {
+            Self::Engine(EngineError::Unavailable(cause)) => {
+                tracing::warn!(%cause, "engine unreachable");
+            }
+            Self::Engine(source) => tracing::error!(error = %source, "engine failure"),
+            _ => {}
         }
+    }
+}
+
+impl From<StoreError> for ChatError {
+    fn from(error: StoreError) -> Self {
+        ChatError::Engine(error.into())
     }
 }
 

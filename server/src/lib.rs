@@ -37,6 +37,7 @@ pub mod config;
 pub mod connection;
 pub mod cursor;
 pub mod cursor_set;
+pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod limits;

@@ -52,7 +52,7 @@ async fn serve() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // Storage opened, migrated and loaded before anything is announced: a store that
     // cannot open ends the process here.
-    let ready = Ready::open(config)?;
+    let ready = Ready::open(config).await?;
     // The last line of start-up: scripts and tests wait for it.
     tracing::info!(%addr, "confab-server listening on {addr}");
     ready.serve(listener, metrics, shutdown_signal()).await?;

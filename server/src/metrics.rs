@@ -198,9 +198,11 @@ impl Metrics {
     }
 
     /// The figures in the OpenMetrics text format, the read-on-scrape gauges refreshed.
-    pub fn render(&self, hub: &Hub) -> String {
-        self.rooms
-            .set(i64::try_from(hub.room_count()).unwrap_or(i64::MAX));
+    pub async fn render(&self, hub: &Hub) -> String {
+        // An engine out of reach leaves the last count standing.
+        if let Ok(rooms) = hub.room_count().await {
+            self.rooms.set(i64::try_from(rooms).unwrap_or(i64::MAX));
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let tasks = runtime.metrics().num_alive_tasks();
             self.tasks.set(i64::try_from(tasks).unwrap_or(i64::MAX));
@@ -248,7 +250,7 @@ pub async fn serve(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            metrics.render(&hub),
+            metrics.render(&hub).await,
         )
     }
     let app = Router::new()

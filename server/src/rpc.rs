@@ -66,21 +66,25 @@ impl ChatServer {
     }
 
     /// Checks a room name and returns the room (NOT_FOUND if absent).
-    fn existing_room(&self, field: &str, name: &str) -> Result<Arc<crate::hub::Room>, ChatError> {
+    async fn existing_room(
+        &self,
+        field: &str,
+        name: &str,
+    ) -> Result<Arc<crate::hub::Room>, ChatError> {
         validate::room_name(field, name)?;
         tracing::Span::current().record("room", name);
-        self.hub.room(field, name)
+        self.hub.room(field, name).await
     }
 
     /// The room, if `user` may read it (PERMISSION_DENIED for a private room they are not
     /// invited to, or one they are banned from).
-    fn readable_room(
+    async fn readable_room(
         &self,
         field: &str,
         name: &str,
         user: &Identity,
     ) -> Result<Arc<crate::hub::Room>, ChatError> {
-        let room = self.existing_room(field, name)?;
+        let room = self.existing_room(field, name).await?;
         room.admit(&user.nickname)?;
         Ok(room)
     }
@@ -128,7 +132,7 @@ impl ChatServer {
         &self,
         sender: &str,
         message: Option<pb::OutgoingMessage>,
-    ) -> Result<(String, crate::hub::Published), ChatError> {
+    ) -> Result<(String, crate::engine::Published), ChatError> {
         let message =
             message.ok_or_else(|| ChatError::invalid("message", "a message is required"))?;
         let message = validate::outgoing(message, self.max_text_bytes)
@@ -180,7 +184,10 @@ impl ChatService for ChatServer {
         let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
         let after =
             pagination::decode(&request.page_token, "rooms", "").map_err(ChatError::from)?;
-        let (rooms, more) = self.hub.rooms_page(&user.nickname, after.as_deref(), size);
+        let (rooms, more) = self
+            .hub
+            .rooms_page(&user.nickname, after.as_deref(), size)
+            .await?;
         let next_page_token = match rooms.last() {
             Some(last) if more => pagination::encode("rooms", "", last.name()),
             _ => String::new(),
@@ -196,7 +203,9 @@ impl ChatService for ChatServer {
         request: Request<pb::GetRoomRequest>,
     ) -> Result<Response<pb::GetRoomResponse>, Status> {
         let user = caller(&request)?;
-        let room = self.readable_room("room", &request.get_ref().room, &user)?;
+        let room = self
+            .readable_room("room", &request.get_ref().room, &user)
+            .await?;
         Ok(Response::new(pb::GetRoomResponse {
             room: Some(room.info()),
         }))
@@ -230,7 +239,7 @@ impl ChatService for ChatServer {
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
         let user = caller(&request)?;
         let request = request.into_inner();
-        let room = self.readable_room("room", &request.room, &user)?;
+        let room = self.readable_room("room", &request.room, &user).await?;
         let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
         let after = pagination::decode(&request.page_token, "members", room.name())
             .map_err(ChatError::from)?;
@@ -251,7 +260,7 @@ impl ChatService for ChatServer {
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
         let user = caller(&request)?;
         let request = request.into_inner();
-        let room = self.readable_room("room", &request.room, &user)?;
+        let room = self.readable_room("room", &request.room, &user).await?;
         let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
         let (direction, start) =
             match pagination::decode(&request.page_token, "history", room.name())
@@ -269,11 +278,17 @@ impl ChatService for ChatServer {
                     (direction, request.start_seq)
                 }
             };
-        let store = self.hub.store();
-        let head = room.head_seq();
+        let engine = room.engine();
+        // The engine's head, not this node's ring's: a message acked through another node
+        // is history here too.
+        let head = engine
+            .head_seq(room.name())
+            .await
+            .map_err(ChatError::from)?;
         // Everything below the oldest stored seq was removed by retention.
-        let oldest = store
+        let oldest = engine
             .first_seq(room.name())
+            .await
             .map_err(ChatError::from)?
             .unwrap_or(head + 1);
         let gap = |from: u64, to: u64| {
@@ -286,8 +301,9 @@ impl ChatService for ChatServer {
         let (messages, next, gap) = match direction {
             pb::HistoryDirection::Forward => {
                 let after = start.unwrap_or(0);
-                let messages = store
+                let messages = engine
                     .read_after(room.name(), after, size)
+                    .await
                     .map_err(ChatError::from)?;
                 let next = messages.last().map(|m| m.seq).filter(|&last| last < head);
                 let gap = gap(after + 1, oldest.min(head + 1) - 1);
@@ -295,8 +311,9 @@ impl ChatService for ChatServer {
             }
             pb::HistoryDirection::Backward | pb::HistoryDirection::Unspecified => {
                 let before = start.unwrap_or(head.saturating_add(1));
-                let messages = store
+                let messages = engine
                     .read_before(room.name(), before, size)
+                    .await
                     .map_err(ChatError::from)?;
                 let lowest = messages.first().map_or(before, |m| m.seq);
                 if lowest > oldest {
@@ -362,7 +379,7 @@ impl ChatService for ChatServer {
                     range.0 = range.0.min(published.seq);
                     range.1 = range.1.max(published.seq);
                 }
-                Err(ChatError::Store(error)) => return Err(ChatError::Store(error).into()),
+                Err(ChatError::Engine(error)) => return Err(ChatError::Engine(error).into()),
                 Err(error) => summary.rejected.push(pb::PublishRejection {
                     index,
                     client_msg_id,
@@ -410,11 +427,11 @@ impl ChatService for ChatServer {
         let mut cursors = CursorSet::default();
         for (i, position) in request.rooms.iter().enumerate() {
             let field = format!("rooms[{i}].room");
-            let room = self.readable_room(&field, &position.room, &user)?;
+            let room = self.readable_room(&field, &position.room, &user).await?;
             if cursors.contains(&position.room) {
                 return Err(ChatError::invalid(field, "this room is named twice").into());
             }
-            let cursor: Cursor = room.tail(self.hub.store().clone(), position.after_seq);
+            let cursor: Cursor = room.tail(position.after_seq).await?;
             cursors.insert(&position.room, cursor.into_stream());
         }
         let guard = self.hub.limits().open_stream(&user.nickname)?;

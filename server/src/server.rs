@@ -24,11 +24,12 @@ use crate::{
     auth::{AuthMode, Authenticator, JwtVerifier, Nicknames, Tokens},
     config::Config,
     connection::Incoming,
+    engine::{Engine, LocalEngine},
     hub::{Hub, HubConfig},
     limits::Limits,
     metrics::Metrics,
     rpc::ChatServer,
-    store::{MemoryStore, SqliteStore, Store, StoreError, on_commit},
+    store::{MemoryStore, SqliteStore, Store, StoreError},
 };
 
 /// Why the server could not run.
@@ -152,7 +153,8 @@ pub async fn run_with_metrics(
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    Ready::open(config)?
+    Ready::open(config)
+        .await?
         .serve(listener, metrics_listener, shutdown)
         .await
 }
@@ -167,9 +169,9 @@ pub struct Ready {
     metrics: Arc<Metrics>,
     /// Rate limits and counts.
     limits: Arc<Limits>,
-    /// The storage engine (the hub holds it too; kept to close it after draining).
-    store: Arc<dyn Store>,
-    /// Every room, loaded from the store.
+    /// The engine (the hub holds it too; kept to close it after draining).
+    engine: Arc<dyn Engine>,
+    /// This node's rooms.
     hub: Arc<Hub>,
     /// How callers prove who they are.
     auth: Arc<AuthMode>,
@@ -179,20 +181,19 @@ pub struct Ready {
 
 impl Ready {
     /// Checks the settings, opens (and migrates) the store and loads its rooms.
-    pub fn open(config: Config) -> Result<Self, ServerError> {
+    pub async fn open(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::new());
         let limits = Arc::new(Limits::new(config.limits.clone(), metrics.clone())?);
-        let store = open_store(&config)?;
+        let engine = open_engine(&config, &metrics)?;
         let hub = Arc::new(Hub::new(
-            store.clone(),
+            engine.clone(),
             HubConfig {
                 ring_capacity: config.ring_capacity,
                 history_on_join: config.history_on_join,
-                dedupe_window: config.dedupe_window,
             },
             limits.clone(),
             metrics.clone(),
-        )?);
+        ));
         let nicknames = Arc::new(Nicknames::new(config.nickname_lease));
         let auth = Arc::new(match jwt_verifier(&config)? {
             Some(verifier) => {
@@ -208,7 +209,7 @@ impl Ready {
             config,
             metrics,
             limits,
-            store,
+            engine,
             hub,
             auth,
             nicknames,
@@ -267,14 +268,8 @@ impl Ready {
         for task in housekeeping {
             task.abort();
         }
-        // Every acked message is committed already; closing checkpoints the WAL.
-        let store = self.store;
-        if tokio::task::spawn_blocking(move || store.close())
-            .await
-            .is_err()
-        {
-            tracing::error!("closing the store panicked");
-        }
+        // Every acked message is committed already.
+        self.engine.close().await;
         tracing::info!(addr = ?local, "server stopped");
         result
     }
@@ -335,15 +330,13 @@ impl Ready {
         }
         let retention = self.config.retention();
         if retention.is_enabled() {
-            let store = self.store.clone();
+            let engine = self.engine.clone();
             let period = self.config.retention_interval;
             tasks.push(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 loop {
                     tick.tick().await;
-                    let (done, applied) = on_commit();
-                    store.apply_retention(retention, done);
-                    if let Err(error) = applied.await {
+                    if let Err(error) = engine.apply_retention(retention).await {
                         tracing::error!(%error, "retention failed");
                     }
                 }
@@ -353,15 +346,21 @@ impl Ready {
     }
 }
 
-/// The store the flags ask for: SQLite in the data dir (created, migrated), or memory.
-fn open_store(config: &Config) -> Result<Arc<dyn Store>, ServerError> {
-    Ok(if config.in_memory {
+/// The engine the flags ask for: local, on SQLite in the data dir (created, migrated) or
+/// in memory.
+fn open_engine(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<dyn Engine>, ServerError> {
+    let store: Arc<dyn Store> = if config.in_memory {
         tracing::info!("storage: in memory (nothing will survive this process)");
         Arc::new(MemoryStore::new())
     } else {
         tracing::info!(data_dir = %config.data_dir.display(), "storage: SQLite");
         Arc::new(SqliteStore::open(&config.data_dir)?)
-    })
+    };
+    Ok(Arc::new(LocalEngine::open(
+        store,
+        config.dedupe_window,
+        metrics.clone(),
+    )?))
 }
 
 /// The key that signs session tokens: `--token-secret`, else the data dir's (made on first

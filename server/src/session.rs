@@ -22,8 +22,9 @@ use crate::{
     auth::{AuthMode, Identity, StreamClaim},
     cursor::{Delivery, DeliveryStream},
     cursor_set::CursorSet,
+    engine::Removal,
     error::{ChatError, quote},
-    hub::{Hub, Moderation, Presence, Removal, RoomEvent},
+    hub::{Hub, Moderation, Presence, RoomEvent},
     limits::StreamGuard,
     metrics::Held,
     outbound::{End, Outbound, reconnect_notice},
@@ -210,6 +211,7 @@ impl Session {
             },
             Command::Leave(leave) => self
                 .leave(&leave.room, cursors)
+                .await
                 .map(|room| {
                     Some(Event::Left(pb::Left {
                         room,
@@ -225,6 +227,7 @@ impl Session {
                 .map_err(|e| e.within("send")),
             Command::Typing(typing) => self
                 .typing(typing)
+                .await
                 .map(|()| None)
                 .map_err(|e| e.within("typing")),
             Command::SetTopic(set) => self
@@ -308,12 +311,13 @@ impl Session {
         }
         self.hub.limits().join(self.rooms.len())?;
         let room = self.hub.open_room(&join.room, &self.user.nickname).await?;
-        let (joined, cursor, presence) = room.join(
-            self.hub.store().clone(),
-            &self.user.nickname,
-            join.after_seq,
-            self.hub.config().history_on_join,
-        )?;
+        let (joined, cursor, presence) = room
+            .join(
+                &self.user.nickname,
+                join.after_seq,
+                self.hub.config().history_on_join,
+            )
+            .await?;
         // The room's events, and, should the owner put this user out, word of it.
         let removed = stream::once(presence.removed()).map(|r| Ok(Delivery::Removed(r)));
         let deliveries = stream::select(cursor.into_stream(), removed);
@@ -321,8 +325,8 @@ impl Session {
         Ok((joined, join.room, Box::pin(deliveries)))
     }
 
-    fn leave(&mut self, room: &str, cursors: &mut CursorSet) -> Result<String, ChatError> {
-        self.joined("room", room)?;
+    async fn leave(&mut self, room: &str, cursors: &mut CursorSet) -> Result<String, ChatError> {
+        self.joined("room", room).await?;
         cursors.remove(room);
         self.rooms.remove(room);
         Ok(room.to_owned())
@@ -330,7 +334,7 @@ impl Session {
 
     async fn send(&mut self, message: pb::OutgoingMessage) -> Result<pb::Ack, ChatError> {
         let message = validate::Outgoing::checked(message);
-        self.joined("room", &message.room)?;
+        self.joined("room", &message.room).await?;
         let room = message.room.clone();
         let client_msg_id = message.client_msg_id.clone();
         let published = self
@@ -345,19 +349,21 @@ impl Session {
         })
     }
 
-    fn typing(&mut self, typing: pb::SetTyping) -> Result<(), ChatError> {
-        self.joined("room", &typing.room)?;
+    async fn typing(&mut self, typing: pb::SetTyping) -> Result<(), ChatError> {
+        self.joined("room", &typing.room).await?;
         self.hub
-            .room("room", &typing.room)?
+            .room("room", &typing.room)
+            .await?
             .typing(&self.user.nickname, typing.typing);
         Ok(())
     }
 
     async fn set_topic(&mut self, set: pb::SetTopic) -> Result<(), ChatError> {
-        self.joined("room", &set.room)?;
+        self.joined("room", &set.room).await?;
         self.hub
-            .room("room", &set.room)?
-            .set_topic(self.hub.store().as_ref(), &self.user.nickname, &set.topic)
+            .room("room", &set.room)
+            .await?
+            .set_topic(&self.user.nickname, &set.topic)
             .await
     }
 
@@ -370,13 +376,9 @@ impl Session {
         action: impl FnOnce(String) -> Moderation,
     ) -> Result<Event, ChatError> {
         self.hub
-            .room("room", room)?
-            .moderate(
-                self.hub.store().as_ref(),
-                &self.user.nickname,
-                user,
-                action(reason.to_owned()),
-            )
+            .room("room", room)
+            .await?
+            .moderate(&self.user.nickname, user, action(reason.to_owned()))
             .await?;
         tracing::info!(room, user, "moderated");
         Ok(Event::ModerationDone(pb::ModerationDone {
@@ -394,11 +396,11 @@ impl Session {
 
     /// Checks that `room` (a valid name) is joined on this stream: NOT_FOUND for no such
     /// room, FAILED_PRECONDITION for a room not joined.
-    fn joined(&self, field: &str, room: &str) -> Result<(), ChatError> {
+    async fn joined(&self, field: &str, room: &str) -> Result<(), ChatError> {
         if self.rooms.contains_key(room) {
             return Ok(());
         }
-        self.hub.room(field, room)?;
+        self.hub.room(field, room).await?;
         Err(ChatError::precondition(
             field,
             format!(

@@ -1,0 +1,584 @@
+//! The hub: this node's rooms, each with its fan-out ring, fed by the engine.
+//!
+//! A [`Room`] is loaded the first time anything on this node touches it: the engine
+//! describes it ([`Engine::attach`]) and feeds it from then on ([`Engine::feed`]), so a
+//! room made on another node of a cluster is found here too. Sends go through the room to
+//! the engine, which assigns the seq and commits; the commit comes back through the feed,
+//! which puts it on the ring, so readers only ever see committed messages, and a seq once
+//! seen is never reused, even across a crash.
+//!
+//! Readers are [`crate::cursor::Cursor`]s into that ring (see `cursor.rs`); membership is a
+//! [`Presence`] guard whose `Drop` leaves.
+//!
+//! * `room.rs`: [`Room`], the ring and the feed;
+//! * `access.rs`: who may be in a room, and the owner's [`Moderation`];
+//! * `presence.rs`: [`Presence`].
+
+mod access;
+mod presence;
+mod room;
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::OnceCell;
+
+pub use access::Moderation;
+pub use presence::Presence;
+pub use room::{Room, RoomEvent};
+
+use crate::{
+    engine::{Engine, Feed, Published},
+    error::ChatError,
+    limits::Limits,
+    metrics::Metrics,
+    validate::Outgoing,
+};
+
+/// Settings of the hub.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Events each room's ring holds. A reader that falls further behind reads the missed
+    /// messages from the log; the ring bounds memory, not correctness.
+    pub ring_capacity: usize,
+    /// Messages replayed to a join that does not resume from a seq.
+    pub history_on_join: u64,
+}
+
+/// This node's rooms.
+pub struct Hub {
+    /// Rooms by name, each loaded once. A `DashMap`: lookups on every command from every
+    /// session, sharded so they do not contend; each room has its own locks.
+    rooms: DashMap<String, Arc<OnceCell<Arc<Room>>>>,
+    /// The engine.
+    engine: Arc<dyn Engine>,
+    /// Settings.
+    config: HubConfig,
+    /// Rate limits and counts.
+    limits: Arc<Limits>,
+    /// Shared figures.
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    /// A hub over `engine`.
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        config: HubConfig,
+        limits: Arc<Limits>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            rooms: DashMap::new(),
+            engine,
+            config,
+            limits,
+            metrics,
+        }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The shared figures.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    /// How many rooms there are (over every node).
+    pub async fn room_count(&self) -> Result<usize, ChatError> {
+        Ok(self.engine.room_count().await?)
+    }
+
+    /// The room `name`, named by request field `field`; NOT_FOUND if it does not exist.
+    pub async fn room(&self, field: &str, name: &str) -> Result<Arc<Room>, ChatError> {
+        if let Some(cell) = self.rooms.get(name)
+            && let Some(room) = cell.get()
+        {
+            return Ok(room.clone());
+        }
+        let cell = self.rooms.entry(name.to_owned()).or_default().clone();
+        match cell.get_or_try_init(|| self.load(field, name)).await {
+            Ok(room) => Ok(room.clone()),
+            Err(error) => {
+                // A name that is not a room takes no memory.
+                self.rooms.remove_if(name, |_, cell| !cell.initialized());
+                Err(error)
+            }
+        }
+    }
+
+    /// Loads room `name` from the engine and has its feed delivered to it.
+    async fn load(&self, field: &str, name: &str) -> Result<Arc<Room>, ChatError> {
+        let attached = self
+            .engine
+            .attach(name)
+            .await?
+            .ok_or_else(|| ChatError::room_not_found(field, name))?;
+        let room = Arc::new(Room::new(
+            attached,
+            self.config.ring_capacity,
+            self.engine.clone(),
+            self.metrics.clone(),
+        ));
+        let feed: Arc<dyn Feed> = room.clone();
+        self.engine.feed(name, Arc::downgrade(&feed));
+        Ok(room)
+    }
+
+    /// Creates room `name`; ALREADY_EXISTS if it exists. Resolves once it is stored.
+    pub async fn create_room(
+        &self,
+        name: &str,
+        topic: &str,
+        creator: &str,
+        private: bool,
+    ) -> Result<Arc<Room>, ChatError> {
+        if self.rooms.get(name).is_some_and(|cell| cell.initialized()) {
+            return Err(ChatError::RoomExists(name.to_owned()));
+        }
+        self.limits
+            .create_room(creator, self.engine.room_count().await?)?;
+        let record = room::new_record(name, topic, creator, private);
+        if !self.engine.create_room(record).await? {
+            return Err(ChatError::RoomExists(name.to_owned()));
+        }
+        tracing::info!(room = name, by = creator, "room created");
+        self.room("room", name).await
+    }
+
+    /// The room `name`, created (by `creator`, without a topic) if it does not exist.
+    pub async fn open_room(&self, name: &str, creator: &str) -> Result<Arc<Room>, ChatError> {
+        match self.room("room", name).await {
+            Err(ChatError::RoomNotFound { .. }) => {}
+            found => return found,
+        }
+        match self.create_room(name, "", creator, false).await {
+            // Made meanwhile, here or on another node.
+            Err(ChatError::RoomExists(_)) => self.room("room", name).await,
+            made => made,
+        }
+    }
+
+    /// Up to `limit` of the rooms `user` may know of ([`Room::visible_to`]) after `after`
+    /// (exclusive) in name order, and whether more follow.
+    pub async fn rooms_page(
+        &self,
+        user: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Arc<Room>>, bool), ChatError> {
+        let mut page = Vec::new();
+        let mut from = after.map(str::to_owned);
+        loop {
+            let names = self.engine.room_names(from.as_deref(), limit + 1).await?;
+            let exhausted = names.len() <= limit;
+            for name in names {
+                let room = self.room("page_token", &name).await?;
+                if room.visible_to(user) {
+                    if page.len() == limit {
+                        return Ok((page, true));
+                    }
+                    page.push(room);
+                }
+                from = Some(name);
+            }
+            if exhausted {
+                return Ok((page, false));
+            }
+        }
+    }
+
+    /// Appends `message` from `sender` to its room (which must exist); resolves once it is
+    /// committed.
+    pub async fn publish(
+        &self,
+        field: &str,
+        sender: &str,
+        message: Outgoing,
+    ) -> Result<Published, ChatError> {
+        let room = self.room(field, &message.room).await?;
+        room.append(&self.limits, sender, message).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use confab::MessageKind;
+
+    use std::time::SystemTime;
+
+    use confab::{ChatMessage, ChatMessageRecord, pb::PresenceKind};
+
+    use super::*;
+    use crate::{
+        cursor::{Cursor, Delivery},
+        engine::LocalEngine,
+        store::{
+            Access, Committed, MemoryStore, RoomRecord, SentKey, Store, StoreError, on_commit,
+        },
+    };
+
+    /// A hub over a local engine on `store`, whose idempotency keys last ten minutes.
+    fn hub_on(
+        store: Arc<dyn Store>,
+        ring_capacity: usize,
+        limits: crate::limits::LimitConfig,
+    ) -> Hub {
+        let metrics = Arc::new(Metrics::new());
+        let limits = Limits::new(limits, metrics.clone()).unwrap();
+        let engine = LocalEngine::open(store, Duration::from_secs(600), metrics.clone()).unwrap();
+        Hub::new(
+            Arc::new(engine),
+            HubConfig {
+                ring_capacity,
+                history_on_join: 3,
+            },
+            Arc::new(limits),
+            metrics,
+        )
+    }
+
+    fn hub(ring_capacity: usize) -> Hub {
+        limited_hub(ring_capacity, crate::limits::LimitConfig::unlimited())
+    }
+
+    fn limited_hub(ring_capacity: usize, limits: crate::limits::LimitConfig) -> Hub {
+        hub_on(Arc::new(MemoryStore::new()), ring_capacity, limits)
+    }
+
+    async fn say(hub: &Hub, room: &str, text: &str) -> Published {
+        hub.publish(
+            "room",
+            "alice",
+            Outgoing {
+                room: room.into(),
+                text: text.into(),
+                client_msg_id: format!("id-{text}"),
+                kind: MessageKind::Text,
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn retries_of_recent_sends_cost_no_send_token() {
+        let hub = limited_hub(
+            16,
+            crate::limits::LimitConfig {
+                send_rate: 0.001,
+                send_burst: 2,
+                ..crate::limits::LimitConfig::unlimited()
+            },
+        );
+        hub.open_room("r", "alice").await.unwrap();
+        assert_eq!(say(&hub, "r", "a").await.seq, 1);
+        for _ in 0..5 {
+            let retry = say(&hub, "r", "a").await;
+            assert_eq!((retry.seq, retry.duplicate), (1, true));
+        }
+        assert_eq!(say(&hub, "r", "b").await.seq, 2, "the burst's second token");
+        let refused = hub
+            .publish(
+                "room",
+                "alice",
+                Outgoing {
+                    room: "r".into(),
+                    text: "c".into(),
+                    client_msg_id: "id-c".into(),
+                    kind: MessageKind::Text,
+                },
+            )
+            .await;
+        assert!(matches!(refused, Err(ChatError::ResourceExhausted { .. })));
+        assert_eq!(hub.room("room", "r").await.unwrap().head_seq(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_retry_of_a_forgotten_send_gets_its_original_seq_from_the_store() {
+        let hub = hub(16);
+        hub.open_room("r", "alice").await.unwrap();
+        assert_eq!(say(&hub, "r", "first").await.seq, 1);
+        for n in 0..crate::engine::RECENT_SENDS + 10 {
+            say(&hub, "r", &n.to_string()).await;
+        }
+        let head = hub.room("room", "r").await.unwrap().head_seq();
+        assert_eq!(head, crate::engine::RECENT_SENDS as u64 + 11);
+        let retry = say(&hub, "r", "first").await;
+        assert_eq!(
+            retry,
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
+        assert_eq!(hub.room("room", "r").await.unwrap().head_seq(), head);
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_a_restart_gets_its_original_seq_from_the_store() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let open =
+            |store: Arc<dyn Store>| hub_on(store, 16, crate::limits::LimitConfig::unlimited());
+        let before = open(store.clone());
+        before.open_room("r", "alice").await.unwrap();
+        assert_eq!(say(&before, "r", "a").await.seq, 1);
+        assert_eq!(say(&before, "r", "b").await.seq, 2);
+        drop(before);
+        let after = open(store);
+        assert_eq!(
+            say(&after, "r", "a").await,
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
+        assert_eq!(say(&after, "r", "c").await.seq, 3);
+    }
+
+    /// A memory store whose idempotency lookups for `slow` wait until the test lets them
+    /// go, as a SQLite read may wait on a busy disk.
+    struct SlowLookups {
+        inner: MemoryStore,
+        /// Told when a lookup for `slow` starts; waited on before it ends.
+        gate: std::sync::Mutex<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
+    }
+
+    impl Store for SlowLookups {
+        fn rooms(&self) -> Result<Vec<RoomRecord>, StoreError> {
+            self.inner.rooms()
+        }
+        fn create_room(&self, room: RoomRecord, done: Committed) {
+            self.inner.create_room(room, done)
+        }
+        fn append(&self, message: ChatMessage, done: Committed) {
+            self.inner.append(message, done)
+        }
+        fn set_topic(&self, room: &str, topic: &str, done: Committed) {
+            self.inner.set_topic(room, topic, done)
+        }
+        fn set_access(&self, room: &str, user: &str, access: Option<Access>, done: Committed) {
+            self.inner.set_access(room, user, access, done)
+        }
+        fn apply_retention(&self, retention: crate::store::Retention, done: Committed) {
+            self.inner.apply_retention(retention, done)
+        }
+        fn read_after(&self, room: &str, after: u64, limit: usize) -> StoreResult {
+            self.inner.read_after(room, after, limit)
+        }
+        fn read_before(&self, room: &str, before: u64, limit: usize) -> StoreResult {
+            self.inner.read_before(room, before, limit)
+        }
+        fn first_seq(&self, room: &str) -> Result<Option<u64>, StoreError> {
+            self.inner.first_seq(room)
+        }
+        fn sent_since(&self, room: &str, since: SystemTime) -> Result<Vec<SentKey>, StoreError> {
+            self.inner.sent_since(room, since)
+        }
+        fn find_sent(
+            &self,
+            room: &str,
+            sender: &str,
+            id: &str,
+            since: SystemTime,
+        ) -> Result<Option<u64>, StoreError> {
+            if sender == "slow" {
+                let gate = self.gate.lock().unwrap();
+                let _ = gate.0.send(());
+                let _ = gate.1.recv();
+            }
+            self.inner.find_sent(room, sender, id, since)
+        }
+    }
+
+    type StoreResult = Result<Vec<ChatMessage>, StoreError>;
+
+    /// A retry whose idempotency key must be looked up in a slow store holds up no one
+    /// else in its room: the lookup runs with the room's lock released (and a new key,
+    /// whose fingerprint matches no stored one, is not looked up at all).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_idempotency_lookup_holds_up_no_one_else() {
+        let (release, released) = std::sync::mpsc::channel();
+        let (entered, lookup_started) = std::sync::mpsc::channel();
+        let inner = MemoryStore::new();
+        // A room with a message `slow` sent just now, as after a restart: its retry must
+        // be looked up in the store.
+        let (done, stored) = on_commit();
+        inner.create_room(
+            RoomRecord {
+                name: "r".into(),
+                topic: String::new(),
+                created_at: SystemTime::now(),
+                created_by: "alice".into(),
+                head_seq: 0,
+                private: false,
+                access: Default::default(),
+            },
+            done,
+        );
+        stored.await.unwrap();
+        let (done, stored) = on_commit();
+        inner.append(
+            ChatMessage::new(ChatMessageRecord {
+                room: "r".into(),
+                seq: 1,
+                sender: "slow".into(),
+                text: "before the restart".into(),
+                kind: 1,
+                client_msg_id: "s1".into(),
+                sent_at: Some(SystemTime::now().into()),
+            }),
+            done,
+        );
+        stored.await.unwrap();
+        let store = SlowLookups {
+            inner,
+            gate: std::sync::Mutex::new((entered, released)),
+        };
+        let hub = Arc::new(hub_on(
+            Arc::new(store),
+            16,
+            crate::limits::LimitConfig::unlimited(),
+        ));
+        let send = |hub: Arc<Hub>, sender: &'static str, id: &'static str| async move {
+            let message = Outgoing {
+                room: "r".into(),
+                text: "hi".into(),
+                client_msg_id: id.into(),
+                kind: MessageKind::Text,
+            };
+            hub.publish("room", sender, message).await
+        };
+        let slow = tokio::spawn(send(hub.clone(), "slow", "s1"));
+        // The waits below block this (the test's) thread, not the runtime's workers: if
+        // the room's lock were held through the lookup, bob's send would block a worker
+        // and the wait would fail instead of hanging.
+        let wait = Duration::from_secs(20);
+        lookup_started
+            .recv_timeout(wait)
+            .expect("slow's lookup to start");
+        let (sent, fast) = std::sync::mpsc::channel();
+        tokio::spawn(async move {
+            let _ = sent.send(send(hub, "bob", "b1").await);
+        });
+        let fast = fast
+            .recv_timeout(wait)
+            .expect("bob's send is not held up by slow's lookup")
+            .unwrap();
+        assert_eq!(fast.seq, 2);
+        assert!(!slow.is_finished(), "slow's lookup is still waiting");
+        release.send(()).unwrap();
+        assert_eq!(
+            slow.await.unwrap().unwrap(),
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
+    }
+
+    async fn next_seq(cursor: &mut Cursor) -> u64 {
+        loop {
+            match cursor.next().await.unwrap() {
+                Some(Delivery::Event(RoomEvent::Message(m))) => return m.seq,
+                Some(_) => continue,
+                None => panic!("cursor ended"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn seqs_count_up_without_holes_and_retries_are_deduplicated() {
+        let hub = hub(16);
+        hub.open_room("r", "alice").await.unwrap();
+        assert_eq!(say(&hub, "r", "a").await.seq, 1);
+        assert_eq!(say(&hub, "r", "b").await.seq, 2);
+        let retry = say(&hub, "r", "a").await;
+        assert_eq!(
+            retry,
+            Published {
+                seq: 1,
+                duplicate: true
+            }
+        );
+        assert_eq!(say(&hub, "r", "c").await.seq, 3);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_cursor_reads_what_it_missed_from_the_store() {
+        let hub = hub(4);
+        let room = hub.open_room("r", "alice").await.unwrap();
+        let mut cursor = room.tail(Some(0)).await.unwrap();
+        for i in 0..50 {
+            say(&hub, "r", &i.to_string()).await;
+        }
+        for expected in 1..=50 {
+            assert_eq!(next_seq(&mut cursor).await, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn join_replays_recent_history_then_goes_live() {
+        let hub = hub(16);
+        let room = hub.open_room("r", "alice").await.unwrap();
+        for i in 0..10 {
+            say(&hub, "r", &i.to_string()).await;
+        }
+        let (joined, mut cursor, _presence) = room.join("bob", None, 3).await.unwrap();
+        assert_eq!(joined.replay_from_seq, 8);
+        assert_eq!(joined.members, vec!["bob".to_string()]);
+        say(&hub, "r", "live").await;
+        for expected in 8..=11 {
+            assert_eq!(next_seq(&mut cursor).await, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_presence_leaves_the_room() {
+        let hub = hub(16);
+        let room = hub.open_room("r", "alice").await.unwrap();
+        let mut watcher = room.tail(None).await.unwrap();
+        let (_, _, first) = room.join("bob", None, 0).await.unwrap();
+        let (_, _, second) = room.join("bob", None, 0).await.unwrap();
+        drop(first);
+        assert_eq!(room.info().member_count, 1);
+        drop(second);
+        assert_eq!(room.info().member_count, 0);
+        let mut kinds = Vec::new();
+        while kinds.len() < 2 {
+            if let Some(Delivery::Event(RoomEvent::Presence(p))) = watcher.next().await.unwrap() {
+                kinds.push(p.kind());
+            }
+        }
+        assert_eq!(kinds, vec![PresenceKind::Joined, PresenceKind::Left]);
+    }
+
+    #[test]
+    fn pages_are_sorted_and_say_whether_more_follow() {
+        let names: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            room::page(names.iter(), None, 2),
+            (vec!["a".into(), "b".into()], true)
+        );
+        assert_eq!(
+            room::page(names.iter(), Some("b"), 2),
+            (vec!["c".into(), "d".into()], false)
+        );
+        assert_eq!(room::page(names.iter(), Some("d"), 2), (vec![], false));
+    }
+}
