@@ -29,6 +29,15 @@ pub struct Config {
     #[arg(long, env = "CONFAB_IN_MEMORY")]
     pub in_memory: bool,
 
+    /// Run as a node of a cluster on this Redis (`redis://HOST:PORT[/DB]`) instead of on
+    /// local storage: every node on one Redis serves the same rooms, seqs and members.
+    #[arg(long, env = "CONFAB_REDIS_URL", conflicts_with = "in_memory")]
+    pub redis: Option<String>,
+
+    /// This node's name in the cluster (logs, metrics, presence). Default: a random one.
+    #[arg(long, env = "CONFAB_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Keep at most this many newest messages per room (default: all).
     #[arg(long, env = "CONFAB_RETENTION_MESSAGES")]
     pub retention_messages: Option<u64>,
@@ -79,8 +88,8 @@ pub struct Config {
     pub dedupe_window: Duration,
 
     /// The secret session tokens are signed with (at least 32 characters). Unset: one is
-    /// made once and kept in `<data-dir>/token-secret` (mode 0600); with --in-memory, a
-    /// fresh one per process.
+    /// made once and kept in `<data-dir>/token-secret` (mode 0600); with --redis, in Redis,
+    /// made by the first node and shared by all; with --in-memory, a fresh one per process.
     #[arg(long, env = "CONFAB_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
 

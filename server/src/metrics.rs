@@ -57,6 +57,23 @@ struct StreamLabels {
     kind: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CallLabels {
+    call: &'static str,
+}
+
+/// A histogram of seconds from 50 µs to ~1.6 s.
+fn seconds() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        50e-6, 2.0, 16,
+    ))
+}
+
 /// Every figure the server keeps.
 pub struct Metrics {
     registry: Registry,
@@ -84,6 +101,16 @@ pub struct Metrics {
     limited: Family<LimitLabels, Counter>,
     /// From a message's append to its commit (queueing and group commit), in seconds.
     pub commit_latency: Histogram,
+    /// This node's name, as a label of a gauge set to 1.
+    node: Family<NodeLabels, Gauge>,
+    /// Calls to a shared engine, by call, in seconds.
+    engine_calls: Family<CallLabels, Histogram, fn() -> Histogram>,
+    /// Gaps in a room's feed filled from the log.
+    pub feed_gaps_filled: Counter,
+    /// Times the connection to the shared engine's feed was lost and made again.
+    pub redis_reconnects: Counter,
+    /// Nodes of the cluster with a live heartbeat, as last seen.
+    pub nodes: Gauge,
 }
 
 impl Metrics {
@@ -148,14 +175,38 @@ impl Metrics {
                 limit: limit.label(),
             }));
         }
-        // 50 µs to ~1.6 s.
-        let commit_latency = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 16),
-        );
+        let commit_latency = seconds();
         registry.register(
             "store_commit_seconds",
             "Time from a message's append to its durable commit",
             commit_latency.clone(),
+        );
+        let node = Family::<NodeLabels, Gauge>::default();
+        registry.register("node", "This node's name (--node-id)", node.clone());
+        let engine_calls =
+            Family::<CallLabels, Histogram, fn() -> Histogram>::new_with_constructor(seconds);
+        registry.register(
+            "engine_call_seconds",
+            "Time a call to the shared engine (Redis) took, by call",
+            engine_calls.clone(),
+        );
+        let feed_gaps_filled = Counter::default();
+        registry.register(
+            "feed_gaps_filled",
+            "Gaps in a room's feed filled from the log",
+            feed_gaps_filled.clone(),
+        );
+        let redis_reconnects = Counter::default();
+        registry.register(
+            "redis_reconnects",
+            "Times the feed's connection to Redis dropped and was made again",
+            redis_reconnects.clone(),
+        );
+        let nodes = Gauge::default();
+        registry.register(
+            "cluster_nodes",
+            "Nodes of the cluster with a live heartbeat",
+            nodes.clone(),
         );
         Self {
             registry,
@@ -171,7 +222,28 @@ impl Metrics {
             slow_reader_disconnects,
             limited,
             commit_latency,
+            node,
+            engine_calls,
+            feed_gaps_filled,
+            redis_reconnects,
+            nodes,
         }
+    }
+
+    /// Names this node in the figures.
+    pub fn set_node(&self, node: &str) {
+        self.node
+            .get_or_create(&NodeLabels {
+                node: node.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// Records a call to the shared engine that took `elapsed`.
+    pub fn engine_call(&self, call: &'static str, elapsed: Duration) {
+        self.engine_calls
+            .get_or_create(&CallLabels { call })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Counts one refusal by `limit`.

@@ -24,7 +24,7 @@ use crate::{
     auth::{AuthMode, Authenticator, JwtVerifier, Nicknames, Tokens},
     config::Config,
     connection::Incoming,
-    engine::{Engine, LocalEngine},
+    engine::{Engine, EngineError, LocalEngine, RedisConfig, RedisEngine},
     hub::{Hub, HubConfig},
     limits::Limits,
     metrics::Metrics,
@@ -38,6 +38,9 @@ pub enum ServerError {
     /// The store could not be opened or loaded.
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    /// The cluster's engine could not be reached or used.
+    #[error("engine: {0}")]
+    Engine(#[from] EngineError),
     /// The reflection service could not read the descriptors.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -184,7 +187,7 @@ impl Ready {
     pub async fn open(config: Config) -> Result<Self, ServerError> {
         let metrics = Arc::new(Metrics::new());
         let limits = Arc::new(Limits::new(config.limits.clone(), metrics.clone())?);
-        let engine = open_engine(&config, &metrics)?;
+        let (engine, shared_secret) = open_engine(&config, &metrics).await?;
         let hub = Arc::new(Hub::new(
             engine.clone(),
             HubConfig {
@@ -201,7 +204,7 @@ impl Ready {
                 AuthMode::Jwt(Box::new(verifier))
             }
             None => AuthMode::Sessions {
-                tokens: Arc::new(tokens(&config)?),
+                tokens: Arc::new(tokens(&config, shared_secret)?),
                 nicknames: nicknames.clone(),
             },
         });
@@ -227,7 +230,12 @@ impl Ready {
         let drain = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ChatServiceServer<ChatServer>>().await;
-        let housekeeping = self.spawn_housekeeping(metrics_listener, &drain);
+        let mut housekeeping = self.spawn_housekeeping(metrics_listener, &drain);
+        housekeeping.push(tokio::spawn(follow_engine(
+            self.engine.clone(),
+            health.clone(),
+            drain.clone(),
+        )));
         let signal = drain_on(shutdown, drain.clone(), health);
 
         let local = listener.local_addr().ok();
@@ -346,9 +354,33 @@ impl Ready {
     }
 }
 
-/// The engine the flags ask for: local, on SQLite in the data dir (created, migrated) or
-/// in memory.
-fn open_engine(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<dyn Engine>, ServerError> {
+/// The engine the flags ask for: a cluster node on Redis, or local, on SQLite in the data
+/// dir (created, migrated) or in memory. With Redis, also the nodes' shared token secret.
+async fn open_engine(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<dyn Engine>, Option<String>), ServerError> {
+    if let Some(url) = &config.redis {
+        let node_id = config.node_id.clone().unwrap_or_else(|| {
+            use rand::Rng as _;
+            format!("node-{:08x}", rand::rng().random::<u32>())
+        });
+        let engine = RedisEngine::connect(
+            RedisConfig {
+                url: url.clone(),
+                node_id,
+                dedupe_window: config.dedupe_window,
+                retention: config.retention(),
+            },
+            metrics.clone(),
+        )
+        .await?;
+        let secret = match config.token_secret {
+            Some(_) => None,
+            None => Some(engine.token_secret().await?),
+        };
+        return Ok((Arc::new(engine), secret));
+    }
     let store: Arc<dyn Store> = if config.in_memory {
         tracing::info!("storage: in memory (nothing will survive this process)");
         Arc::new(MemoryStore::new())
@@ -356,16 +388,16 @@ fn open_engine(config: &Config, metrics: &Arc<Metrics>) -> Result<Arc<dyn Engine
         tracing::info!(data_dir = %config.data_dir.display(), "storage: SQLite");
         Arc::new(SqliteStore::open(&config.data_dir)?)
     };
-    Ok(Arc::new(LocalEngine::open(
-        store,
-        config.dedupe_window,
-        metrics.clone(),
-    )?))
+    let engine = LocalEngine::open(store, config.dedupe_window, metrics.clone())?;
+    Ok((Arc::new(engine), None))
 }
 
-/// The key that signs session tokens: `--token-secret`, else the data dir's (made on first
-/// start), else (in memory) one for this process only.
-fn tokens(config: &Config) -> Result<Tokens, ServerError> {
+/// The key that signs session tokens: `--token-secret`, else the cluster's `shared` one,
+/// else the data dir's (made on first start), else (in memory) one for this process only.
+fn tokens(config: &Config, shared: Option<String>) -> Result<Tokens, ServerError> {
+    if let Some(shared) = shared {
+        return Ok(Tokens::new(shared.as_bytes(), config.token_ttl));
+    }
     Ok(match (&config.token_secret, config.in_memory) {
         (Some(secret), _) if secret.len() < 32 => {
             return Err(ServerError::Config(
@@ -379,6 +411,43 @@ fn tokens(config: &Config) -> Result<Tokens, ServerError> {
                 .map_err(|e| ServerError::Config(format!("token secret: {e}")))?
         }
     })
+}
+
+/// Keeps health in step with the engine: NOT_SERVING while it cannot be reached (open
+/// streams stay; sends fail with UNAVAILABLE), SERVING when it is back, until the drain.
+async fn follow_engine(
+    engine: Arc<dyn Engine>,
+    health: tonic_health::server::HealthReporter,
+    drain: CancellationToken,
+) {
+    let mut serving = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            () = drain.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let available = engine.is_available();
+        if available == serving {
+            continue;
+        }
+        serving = available;
+        if drain.is_cancelled() {
+            return;
+        }
+        let status = if serving {
+            tracing::info!("the engine is back: serving");
+            health.set_serving::<ChatServiceServer<ChatServer>>().await;
+            tonic_health::ServingStatus::Serving
+        } else {
+            tracing::warn!("the engine is out of reach: not serving");
+            health
+                .set_not_serving::<ChatServiceServer<ChatServer>>()
+                .await;
+            tonic_health::ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+    }
 }
 
 /// Waits for `shutdown`, then turns health NOT_SERVING and tells every stream to drain.

@@ -13,10 +13,12 @@
 //!   gaps, delivered to the node's [`Feed`] (the hub's room), which puts them on the room's
 //!   ring.
 //!
-//! Engines: [`LocalEngine`] (one node: SQLite, or memory with `--in-memory`).
+//! Engines: [`LocalEngine`] (one node: SQLite, or memory with `--in-memory`) and
+//! [`RedisEngine`] (several nodes on one Redis).
 
 mod local;
 mod recent;
+pub mod redis;
 #[cfg(test)]
 pub(crate) use recent::RECENT_SENDS;
 
@@ -26,6 +28,7 @@ use async_trait::async_trait;
 use confab::{ChatMessage, pb};
 
 pub use local::LocalEngine;
+pub use redis::{RedisConfig, RedisEngine};
 
 use crate::{
     error::ChatError,

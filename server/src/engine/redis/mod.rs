@@ -1,0 +1,607 @@
+//! [`RedisEngine`]: several nodes on one Redis, keeping every guarantee of one node.
+//!
+//! The shape is Centrifugo's: one atomic script per append (idempotency key, `HINCRBY` of
+//! the room's head, `XADD` with the seq as the entry's ID, trim, `PUBLISH` on the room's
+//! channel), a pub/sub feed per room with gaps filled from the log (`feed.rs`), an epoch
+//! per room, and node heartbeats for presence (`nodes.rs`). What each key holds is in
+//! `keys.rs`, the encodings in `wire.rs`, the scripts in `lua/`.
+//!
+//! A message is acked once Redis has run its script: what survives a Redis crash is what
+//! its persistence (AOF, `appendfsync`) kept. When Redis cannot be reached, calls fail with
+//! UNAVAILABLE within [`CALL_TIMEOUT`] (a send retried under the same `client_msg_id`
+//! lands once), open streams stay, and when it returns the feed resubscribes and fills
+//! every gap from the log.
+
+mod feed;
+mod keys;
+mod nodes;
+mod wire;
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Weak},
+    time::{Duration, Instant, SystemTime},
+};
+
+use async_trait::async_trait;
+use confab::{ChatMessage, ChatMessageRecord};
+use dashmap::DashMap;
+use rand::Rng as _;
+use redis::{
+    AsyncCommands as _, Script,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    streams::StreamRangeReply,
+};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::{Attached, Charge, Engine, EngineError, Feed, FeedEvent, PresenceChange, Published};
+use crate::{
+    error::ChatError,
+    metrics::Metrics,
+    store::{Access, Retention, RoomRecord, to_micros},
+    validate::Outgoing,
+};
+use feed::Feeds;
+
+/// The longest a call to Redis may take before the client is told UNAVAILABLE.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What a cluster node needs to know.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://HOST:PORT[/DB]`.
+    pub url: String,
+    /// This node's name.
+    pub node_id: String,
+    /// How long a `client_msg_id` is recognised as a retry.
+    pub dedupe_window: Duration,
+    /// How much of each room's log to keep.
+    pub retention: Retention,
+}
+
+/// The engine of a cluster node.
+pub struct RedisEngine {
+    node: String,
+    /// Commands and scripts (one multiplexed connection, remade when it drops).
+    conn: ConnectionManager,
+    /// The rooms this node follows, and the subscription.
+    feeds: Arc<Feeds>,
+    /// Each followed room's record as first read, to rebuild its meta should Redis lose it.
+    records: DashMap<String, RoomRecord>,
+    /// This node's presence changes, applied in order by one task.
+    presence: mpsc::UnboundedSender<(String, PresenceChange)>,
+    scripts: Arc<Scripts>,
+    dedupe_window: Duration,
+    retention: Retention,
+    metrics: Arc<Metrics>,
+    /// The feed, presence and heartbeat tasks, stopped at close.
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The server-side scripts: sent by hash, and sent again whole when Redis has forgotten
+/// them (`Script` does that on NOSCRIPT).
+struct Scripts {
+    append: Script,
+    create_room: Script,
+    set_topic: Script,
+    set_access: Script,
+    presence: Script,
+    trim_age: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            append: Script::new(include_str!("lua/append.lua")),
+            create_room: Script::new(include_str!("lua/create_room.lua")),
+            set_topic: Script::new(include_str!("lua/set_topic.lua")),
+            set_access: Script::new(include_str!("lua/set_access.lua")),
+            presence: Script::new(include_str!("lua/presence.lua")),
+            trim_age: Script::new(include_str!("lua/trim_age.lua")),
+        }
+    }
+}
+
+/// A Redis failure as the engine reports it: out of reach (UNAVAILABLE), or a reply this
+/// server does not understand.
+pub(crate) fn unavailable(error: redis::RedisError) -> EngineError {
+    if error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+    {
+        EngineError::Unavailable(error.to_string())
+    } else {
+        EngineError::Protocol(error.to_string())
+    }
+}
+
+/// A new epoch: random, so that a room rebuilt after a loss never repeats an old one.
+fn new_epoch() -> String {
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+/// Messages of `room` with seqs `from..=to`, at most `limit`, oldest first.
+async fn read_range(
+    conn: &mut ConnectionManager,
+    room: &str,
+    from: u64,
+    to: u64,
+    limit: usize,
+) -> Result<Vec<ChatMessage>, EngineError> {
+    let reply: StreamRangeReply = conn
+        .xrange_count(
+            keys::log(room),
+            format!("{from}-0"),
+            format!("{to}-0"),
+            limit,
+        )
+        .await
+        .map_err(unavailable)?;
+    messages(room, reply)
+}
+
+fn messages(room: &str, reply: StreamRangeReply) -> Result<Vec<ChatMessage>, EngineError> {
+    reply
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let seq = wire::entry_seq(&entry.id)
+                .ok_or_else(|| EngineError::Protocol(format!("a log entry ID {:?}", entry.id)))?;
+            let body: Vec<u8> = entry
+                .get("m")
+                .ok_or_else(|| EngineError::Protocol(format!("log entry {seq} has no body")))?;
+            wire::decode_message(room, seq, &body)
+        })
+        .collect()
+}
+
+impl RedisEngine {
+    /// Connects to Redis at `config.url` and starts this node's tasks: the feed
+    /// subscription, presence, and the heartbeat that finds dead nodes.
+    pub async fn connect(config: RedisConfig, metrics: Arc<Metrics>) -> Result<Self, EngineError> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| EngineError::Protocol(format!("--redis {}: {e}", config.url)))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(CALL_TIMEOUT))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.get_connection_manager_with_config(manager),
+        )
+        .await
+        .map_err(|_| EngineError::Unavailable(format!("{}: no answer", config.url)))?
+        .map_err(unavailable)?;
+        metrics.set_node(&config.node_id);
+        let scripts = Arc::new(Scripts::new());
+        let feeds = Arc::new(Feeds::new(client, conn.clone(), metrics.clone()));
+        let (presence, changes) = mpsc::unbounded_channel();
+        let nodes = nodes::Nodes::new(
+            config.node_id.clone(),
+            conn.clone(),
+            scripts.clone(),
+            metrics.clone(),
+        );
+        // A node that comes back under its old name starts with no one present.
+        nodes.purge(&config.node_id).await?;
+        let tasks = vec![
+            tokio::spawn(feeds.clone().run()),
+            tokio::spawn(nodes.clone().apply_presence(changes)),
+            tokio::spawn(nodes.heartbeat()),
+        ];
+        tracing::info!(node = config.node_id, url = config.url, "engine: Redis");
+        Ok(Self {
+            node: config.node_id,
+            conn,
+            feeds,
+            records: DashMap::new(),
+            presence,
+            scripts,
+            dedupe_window: config.dedupe_window,
+            retention: config.retention,
+            metrics,
+            tasks,
+        })
+    }
+
+    /// The shared secret for session tokens: the one in Redis, made by the first node.
+    pub async fn token_secret(&self) -> Result<String, EngineError> {
+        let mut conn = self.conn.clone();
+        let made: String = {
+            let mut bytes = [0u8; 32];
+            rand::rng().fill(&mut bytes);
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        let _: bool = conn
+            .set_nx(keys::TOKEN_SECRET, made)
+            .await
+            .map_err(unavailable)?;
+        conn.get(keys::TOKEN_SECRET).await.map_err(unavailable)
+    }
+
+    /// Runs `call`, timed as `name`, failing with UNAVAILABLE after [`CALL_TIMEOUT`].
+    async fn timed<T>(
+        &self,
+        name: &'static str,
+        call: impl Future<Output = Result<T, EngineError>>,
+    ) -> Result<T, EngineError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .unwrap_or_else(|_| Err(EngineError::Unavailable(format!("{name}: no answer"))));
+        self.metrics.engine_call(name, started.elapsed());
+        result
+    }
+
+    /// The room's record, if it exists.
+    async fn read_record(&self, room: &str) -> Result<Option<RoomRecord>, EngineError> {
+        let mut conn = self.conn.clone();
+        let (meta, access): (BTreeMap<String, String>, BTreeMap<String, String>) = redis::pipe()
+            .hgetall(keys::meta(room))
+            .hgetall(keys::access(room))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(wire::record_from(&meta, &access))
+    }
+
+    fn publish(&self, room: &str, frame: Vec<u8>) {
+        let mut conn = self.conn.clone();
+        let channel = keys::channel(room);
+        tokio::spawn(async move {
+            let published: Result<(), _> =
+                tokio::time::timeout(CALL_TIMEOUT, conn.publish(channel.as_str(), frame))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(redis::RedisError::from((redis::ErrorKind::Io, "no answer")))
+                    });
+            if let Err(error) = published {
+                tracing::warn!(%error, channel, "an announcement was not published");
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Engine for RedisEngine {
+    fn node_id(&self) -> &str {
+        &self.node
+    }
+
+    fn is_available(&self) -> bool {
+        self.feeds.is_connected()
+    }
+
+    async fn room(&self, name: &str) -> Result<Option<RoomRecord>, EngineError> {
+        self.timed("room", self.read_record(name)).await
+    }
+
+    async fn room_names(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, EngineError> {
+        let min = after.map_or_else(|| "-".to_owned(), |after| format!("({after}"));
+        self.timed("room_names", async {
+            let mut conn = self.conn.clone();
+            conn.zrangebylex_limit(
+                keys::ROOMS,
+                min,
+                "+",
+                0,
+                isize::try_from(limit).unwrap_or(isize::MAX),
+            )
+            .await
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn room_count(&self) -> Result<usize, EngineError> {
+        self.timed("room_count", async {
+            let mut conn = self.conn.clone();
+            conn.zcard(keys::ROOMS).await.map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn create_room(&self, record: RoomRecord) -> Result<bool, EngineError> {
+        self.timed("create_room", async {
+            let mut conn = self.conn.clone();
+            let mut call = self.scripts.create_room.key(keys::meta(&record.name));
+            call.arg(new_epoch());
+            for (_, value) in wire::meta_fields(&record) {
+                call.arg(value);
+            }
+            let created: i64 = call.invoke_async(&mut conn).await.map_err(unavailable)?;
+            // Indexed after: a node that dies in between leaves a room that is found by
+            // name and indexed again when a node next loads it.
+            let _: i64 = conn
+                .zadd(keys::ROOMS, &record.name, 0)
+                .await
+                .map_err(unavailable)?;
+            Ok(created == 1)
+        })
+        .await
+    }
+
+    async fn attach(&self, room: &str) -> Result<Option<Attached>, EngineError> {
+        // Subscribed before the head is read: every message is at or below it, or to come.
+        self.timed("attach", self.feeds.follow(room)).await?;
+        let read = self
+            .timed("attach", async {
+                let mut conn = self.conn.clone();
+                let (meta, access, members): (
+                    BTreeMap<String, String>,
+                    BTreeMap<String, String>,
+                    Vec<String>,
+                ) = redis::pipe()
+                    .hgetall(keys::meta(room))
+                    .hgetall(keys::access(room))
+                    .hkeys(keys::presence(room))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                Ok((meta, access, members))
+            })
+            .await;
+        let (meta, access, mut members) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                self.feeds.unfollow(room).await;
+                return Err(error);
+            }
+        };
+        let Some(record) = wire::record_from(&meta, &access) else {
+            self.feeds.unfollow(room).await;
+            return Ok(None);
+        };
+        let epoch = meta.get("epoch").cloned().unwrap_or_default();
+        self.feeds.described(room, record.head_seq, epoch).await;
+        self.records.insert(room.to_owned(), record.clone());
+        let mut conn = self.conn.clone();
+        let _: Result<i64, _> = conn.zadd(keys::ROOMS, room, 0).await;
+        members.sort_unstable();
+        Ok(Some(Attached { record, members }))
+    }
+
+    fn feed(&self, room: &str, feed: Weak<dyn Feed>) {
+        let feeds = self.feeds.clone();
+        let room = room.to_owned();
+        tokio::spawn(async move { feeds.start(&room, feed).await });
+    }
+
+    async fn append(
+        &self,
+        room: &str,
+        sender: &str,
+        message: Outgoing,
+        charge: Charge<'_>,
+    ) -> Result<Published, ChatError> {
+        // Across nodes a retry cannot be told before the script runs: every send costs
+        // its sender a token on the node it reaches.
+        charge()?;
+        let sent_at = SystemTime::now();
+        let body = wire::encode_body(&ChatMessageRecord {
+            room: room.to_owned(),
+            seq: 0,
+            sender: sender.to_owned(),
+            text: message.text,
+            kind: message.kind as i32,
+            client_msg_id: message.client_msg_id.clone(),
+            sent_at: Some(sent_at.into()),
+        });
+        let record = self
+            .records
+            .get(room)
+            .map(|r| r.clone())
+            .ok_or_else(|| EngineError::Protocol(format!("room {room} is not attached")))?;
+        let (seq, duplicate, _epoch): (u64, u8, String) = self
+            .timed("append", async {
+                let mut conn = self.conn.clone();
+                let mut call = self.scripts.append.key(keys::meta(room));
+                call.key(keys::log(room))
+                    .key(keys::sent(room, sender, &message.client_msg_id))
+                    .arg(body)
+                    .arg(to_micros(sent_at))
+                    .arg(u64::try_from(self.dedupe_window.as_millis()).unwrap_or(u64::MAX))
+                    .arg(self.retention.max_messages.unwrap_or(0))
+                    .arg(keys::channel(room))
+                    .arg(new_epoch());
+                for (_, value) in wire::meta_fields(&record) {
+                    call.arg(value);
+                }
+                call.invoke_async(&mut conn).await.map_err(unavailable)
+            })
+            .await?;
+        if duplicate == 0 {
+            self.metrics.messages_in.inc();
+        }
+        Ok(Published {
+            seq,
+            duplicate: duplicate == 1,
+        })
+    }
+
+    async fn set_topic(&self, room: &str, by: &str, topic: &str) -> Result<(), EngineError> {
+        let frame = wire::event_frame(&FeedEvent::Topic {
+            topic: topic.to_owned(),
+            by: by.to_owned(),
+        });
+        self.timed("set_topic", async {
+            let mut conn = self.conn.clone();
+            let _: i64 = self
+                .scripts
+                .set_topic
+                .key(keys::meta(room))
+                .arg(topic)
+                .arg(keys::channel(room))
+                .arg(frame)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_access(
+        &self,
+        room: &str,
+        user: &str,
+        access: Option<Access>,
+    ) -> Result<(), EngineError> {
+        let frame = wire::event_frame(&FeedEvent::Access {
+            user: user.to_owned(),
+            access,
+        });
+        self.timed("set_access", async {
+            let mut conn = self.conn.clone();
+            let _: i64 = self
+                .scripts
+                .set_access
+                .key(keys::access(room))
+                .arg(user)
+                .arg(access.map(Access::as_str).unwrap_or_default())
+                .arg(keys::channel(room))
+                .arg(frame)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn announce(&self, room: &str, event: FeedEvent) {
+        if let Some(frame) = wire::event_frame(&event) {
+            self.publish(room, frame);
+        }
+    }
+
+    fn presence(&self, room: &str, change: PresenceChange) {
+        let _ = self.presence.send((room.to_owned(), change));
+    }
+
+    async fn read_after(
+        &self,
+        room: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, EngineError> {
+        self.timed("read", async {
+            let mut conn = self.conn.clone();
+            let reply: StreamRangeReply = conn
+                .xrange_count(keys::log(room), format!("({after_seq}-0"), "+", limit)
+                .await
+                .map_err(unavailable)?;
+            messages(room, reply)
+        })
+        .await
+    }
+
+    async fn read_before(
+        &self,
+        room: &str,
+        before_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, EngineError> {
+        if before_seq <= 1 {
+            return Ok(Vec::new());
+        }
+        self.timed("read", async {
+            let mut conn = self.conn.clone();
+            let reply: StreamRangeReply = conn
+                .xrevrange_count(keys::log(room), format!("({before_seq}-0"), "-", limit)
+                .await
+                .map_err(unavailable)?;
+            let mut messages = messages(room, reply)?;
+            messages.reverse();
+            Ok(messages)
+        })
+        .await
+    }
+
+    async fn first_seq(&self, room: &str) -> Result<Option<u64>, EngineError> {
+        self.timed("read", async {
+            let mut conn = self.conn.clone();
+            let reply: StreamRangeReply = conn
+                .xrange_count(keys::log(room), "-", "+", 1)
+                .await
+                .map_err(unavailable)?;
+            Ok(reply
+                .ids
+                .first()
+                .and_then(|entry| wire::entry_seq(&entry.id)))
+        })
+        .await
+    }
+
+    async fn head_seq(&self, room: &str) -> Result<u64, EngineError> {
+        self.timed("head", async {
+            let mut conn = self.conn.clone();
+            let head: Option<u64> = conn
+                .hget(keys::meta(room), "head")
+                .await
+                .map_err(unavailable)?;
+            Ok(head.unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn apply_retention(&self, retention: Retention) -> Result<(), EngineError> {
+        let mut after: Option<String> = None;
+        loop {
+            let rooms = self.room_names(after.as_deref(), 256).await?;
+            let Some(last) = rooms.last().cloned() else {
+                return Ok(());
+            };
+            for room in &rooms {
+                self.timed("retention", async {
+                    let mut conn = self.conn.clone();
+                    if let Some(most) = retention.max_messages {
+                        let _: i64 = redis::cmd("XTRIM")
+                            .arg(keys::log(room))
+                            .arg("MAXLEN")
+                            .arg(most)
+                            .query_async(&mut conn)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    if let Some(age) = retention.max_age {
+                        let cutoff = to_micros(SystemTime::now() - age);
+                        let _: i64 = self
+                            .scripts
+                            .trim_age
+                            .key(keys::log(room))
+                            .arg(cutoff)
+                            .invoke_async(&mut conn)
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+            after = Some(last);
+        }
+    }
+
+    async fn close(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        // This node's users leave now rather than when its heartbeat lapses.
+        let nodes = nodes::Nodes::new(
+            self.node.clone(),
+            self.conn.clone(),
+            self.scripts.clone(),
+            self.metrics.clone(),
+        );
+        if let Err(error) = self.timed("close", nodes.purge(&self.node)).await {
+            tracing::warn!(%error, "could not clear this node's presence");
+        }
+    }
+}
