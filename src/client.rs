@@ -247,7 +247,17 @@ impl Client {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            // h2 closes a connection (ENHANCE_YOUR_CALM) once the server's small DATA
+            // frames that the application has not read yet cost more framing overhead
+            // than half the connection window. Chat frames are small (~100 bytes, one per
+            // event when a room is quiet), so with hyper's defaults (2 MiB per stream,
+            // 5 MiB per connection) a reader paused for a few thousand events would be cut
+            // off by its own library before flow control stopped the server. A stream
+            // window of 1 MiB in a connection window of 8 MiB makes flow control come
+            // first: a paused stream's 1 MiB of frames costs under 2 MiB of the 4 MiB.
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(8 << 20);
         if url.starts_with("https://") {
             let tls = tls.cloned().unwrap_or_default();
             let mut config = ClientTlsConfig::new();

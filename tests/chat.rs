@@ -8,7 +8,8 @@ use std::{
 };
 
 use common::{
-    Events, Proxy, TestServer, client_at, command_error, flood, flood_past_a_stalled_reader, within,
+    Engine, Events, Proxy, TestServer, client_at, command_error, flood,
+    flood_past_a_stalled_reader, within,
 };
 use confab::pb::{
     ChatRequest, OutgoingMessage, PresenceKind, RoomPosition, SubscribeRequest,
@@ -19,14 +20,13 @@ use tonic::Code;
 
 /// Every client sees every message exactly once, in seq order, while several senders
 /// send at once; every sender gets an ack with a distinct seq for each of its messages.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_client_receives_every_message_once_in_seq_order() {
+async fn every_client_receives_every_message_once_in_seq_order(engine: Engine) {
     const CLIENTS: usize = 4;
     const SENDERS: usize = 3;
     const PER_SENDER: usize = 334; // 1,002 messages in all
     const TOTAL: usize = SENDERS * PER_SENDER;
 
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(engine).await;
     let mut readers = Vec::new();
     let mut senders = Vec::new();
     for i in 0..CLIENTS {
@@ -104,11 +104,14 @@ async fn every_client_receives_every_message_once_in_seq_order() {
         "one ack per message"
     );
 }
+on_every_engine!(
+    every_client_receives_every_message_once_in_seq_order,
+    tokio::test(flavor = "multi_thread", worker_threads = 2)
+);
 
 /// Joining and leaving are announced to the room, and the member list follows.
-#[tokio::test]
-async fn presence_is_announced_on_join_and_leave() {
-    let server = TestServer::start().await;
+async fn presence_is_announced_on_join_and_leave(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let alice = server.client("alice").await;
     let mut alice_events = Events::open(&alice).await;
     let joined = alice_events.join("den", None).await;
@@ -143,11 +146,11 @@ async fn presence_is_announced_on_join_and_leave() {
     let members = common::members(&alice, "den").await;
     assert_eq!(members, ["alice"]);
 }
+on_every_engine!(presence_is_announced_on_join_and_leave);
 
 /// A user with two streams in a room stays present until the last one leaves.
-#[tokio::test]
-async fn presence_counts_streams_not_connections() {
-    let server = TestServer::start().await;
+async fn presence_counts_streams_not_connections(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let watcher = server.client("watcher").await;
     let mut watching = Events::open(&watcher).await;
     watching.join("r", None).await;
@@ -170,28 +173,33 @@ async fn presence_counts_streams_not_connections() {
     drop(second);
     watching.presence("bob", PresenceKind::Left).await;
 }
+on_every_engine!(presence_counts_streams_not_connections);
 
 /// A client whose connection is closed without a word (killed process) leaves the room.
-#[tokio::test]
-async fn a_killed_connection_leaves_the_room() {
-    leaves_when_its_connection_fails(common::config(), Proxy::cut).await;
+async fn a_killed_connection_leaves_the_room(engine: Engine) {
+    leaves_when_its_connection_fails(engine, common::config(), Proxy::cut).await;
 }
+on_every_engine!(a_killed_connection_leaves_the_room);
 
 /// A client whose network goes silent (no FIN, no RST) is found dead by keepalive and
 /// leaves the room within a few seconds.
-#[tokio::test]
-async fn a_silent_connection_is_found_by_keepalive_and_leaves() {
+async fn a_silent_connection_is_found_by_keepalive_and_leaves(engine: Engine) {
     let config = Config {
         keepalive_interval: Duration::from_millis(500),
         keepalive_timeout: Duration::from_millis(500),
         ..common::config()
     };
-    leaves_when_its_connection_fails(config, Proxy::freeze).await;
+    leaves_when_its_connection_fails(engine, config, Proxy::freeze).await;
 }
+on_every_engine!(a_silent_connection_is_found_by_keepalive_and_leaves);
 
 /// Bob joins through a proxy, `fail` breaks his connection, and alice sees him leave.
-async fn leaves_when_its_connection_fails(config: Config, fail: impl FnOnce(&Proxy)) {
-    let server = TestServer::with(config).await;
+async fn leaves_when_its_connection_fails(
+    engine: Engine,
+    config: Config,
+    fail: impl FnOnce(&Proxy),
+) {
+    let server = TestServer::with_on(engine, config).await;
     let alice = server.client("alice").await;
     let mut alice_events = Events::open(&alice).await;
     alice_events.join("r", None).await;
@@ -208,13 +216,12 @@ async fn leaves_when_its_connection_fails(config: Config, fail: impl FnOnce(&Pro
 }
 
 /// Bad commands get an in-band error with the right code and field, and the stream goes on.
-#[tokio::test]
-async fn bad_commands_get_errors_and_the_stream_goes_on() {
+async fn bad_commands_get_errors_and_the_stream_goes_on(engine: Engine) {
     let config = Config {
         max_text_bytes: 16,
         ..common::config()
     };
-    let server = TestServer::with(config).await;
+    let server = TestServer::with_on(engine, config).await;
     let alice = server.client("alice").await;
     let mut events = Events::open(&alice).await;
     events.join("here", None).await;
@@ -327,17 +334,17 @@ async fn bad_commands_get_errors_and_the_stream_goes_on() {
     assert_eq!(seq, 1);
     assert_eq!(events.message().await.text, "still fine");
 }
+on_every_engine!(bad_commands_get_errors_and_the_stream_goes_on);
 
 /// A frame over the size limit is refused by the transport limit, not read into memory,
 /// and the server goes on serving others.
-#[tokio::test]
-async fn oversized_frames_are_refused_by_the_size_limit() {
+async fn oversized_frames_are_refused_by_the_size_limit(engine: Engine) {
     let config = Config {
         max_message_bytes: 8 * 1024,
         max_text_bytes: 64 * 1024,
         ..common::config()
     };
-    let server = TestServer::with(config).await;
+    let server = TestServer::with_on(engine, config).await;
     let alice = server.client("alice").await;
     let mut events = Events::open(&alice).await;
     events.join("r", None).await;
@@ -352,11 +359,11 @@ async fn oversized_frames_are_refused_by_the_size_limit() {
     bob_events.join("r", None).await;
     assert_eq!(bob_events.say("r", "small is fine").await, 1);
 }
+on_every_engine!(oversized_frames_are_refused_by_the_size_limit);
 
 /// Typing notices reach the others, not the typist, and are never stored; ping gets pong.
-#[tokio::test]
-async fn typing_is_ephemeral_and_ping_gets_pong() {
-    let server = TestServer::start().await;
+async fn typing_is_ephemeral_and_ping_gets_pong(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let alice = server.client("alice").await;
     let bob = server.client("bob").await;
     let mut alice_events = Events::open(&alice).await;
@@ -399,15 +406,15 @@ async fn typing_is_ephemeral_and_ping_gets_pong() {
         "typing was stored: {history:?}"
     );
 }
+on_every_engine!(typing_is_ephemeral_and_ping_gets_pong);
 
 /// Join without `after_seq` replays the last N messages; with it, exactly those after it.
-#[tokio::test]
-async fn join_replays_recent_history_or_resumes_after_a_seq() {
+async fn join_replays_recent_history_or_resumes_after_a_seq(engine: Engine) {
     let config = Config {
         history_on_join: 5,
         ..common::config()
     };
-    let server = TestServer::with(config).await;
+    let server = TestServer::with_on(engine, config).await;
     let alice = server.client("alice").await;
     let mut alice_events = Events::open(&alice).await;
     alice_events.join("r", None).await;
@@ -430,6 +437,7 @@ async fn join_replays_recent_history_or_resumes_after_a_seq() {
     let replayed: Vec<u64> = futures_collect(&mut resumed, 9).await;
     assert_eq!(replayed, (13..=21).collect::<Vec<_>>());
 }
+on_every_engine!(join_replays_recent_history_or_resumes_after_a_seq);
 
 async fn futures_collect(events: &mut Events, n: usize) -> Vec<u64> {
     let mut seqs = Vec::new();
@@ -440,9 +448,8 @@ async fn futures_collect(events: &mut Events, n: usize) -> Vec<u64> {
 }
 
 /// A nickname held by a live session cannot be taken; the holder can reclaim it.
-#[tokio::test]
-async fn a_live_nickname_cannot_be_taken() {
-    let server = TestServer::start().await;
+async fn a_live_nickname_cannot_be_taken(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let mut alice = server.client("alice").await;
     let _stream = Events::open(&alice).await;
 
@@ -459,6 +466,7 @@ async fn a_live_nickname_cannot_be_taken() {
         .await
         .expect("the holder reclaims its nickname");
 }
+on_every_engine!(a_live_nickname_cannot_be_taken);
 
 /// A reader that stops reading while the room floods does not slow the others, and once it
 /// reads again it gets every message exactly once, in order: what fell off the ring is read
@@ -466,9 +474,8 @@ async fn a_live_nickname_cannot_be_taken() {
 /// `rename` moves a live user to another nickname: the rooms of the stream see one rename
 /// event, members and messages carry the new name, the old name is free for others, the
 /// new token works, and a refused rename changes nothing and ends nothing.
-#[tokio::test]
-async fn a_live_user_is_renamed_in_place_and_the_rooms_are_told() {
-    let server = TestServer::start().await;
+async fn a_live_user_is_renamed_in_place_and_the_rooms_are_told(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let alice = server.client("alice").await;
     let bob = server.client("bob").await;
     let carol = server.client("carol").await;
@@ -524,15 +531,15 @@ async fn a_live_user_is_renamed_in_place_and_the_rooms_are_told() {
     let newcomer = server.client("alice").await;
     assert_eq!(newcomer.nickname(), Some("alice"));
 }
+on_every_engine!(a_live_user_is_renamed_in_place_and_the_rooms_are_told);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
+async fn a_stalled_reader_catches_up_without_loss_or_duplicates(engine: Engine) {
     const MESSAGES: u64 = 20_000;
     let config = Config {
         ring_capacity: 16,
         ..common::config()
     };
-    let server = TestServer::with(config).await;
+    let server = TestServer::with_on(engine, config).await;
     let (_stalled_client, mut stalled, publishing) =
         flood_past_a_stalled_reader(&server, MESSAGES).await;
     let summary = within("the batch", publishing)
@@ -547,17 +554,20 @@ async fn a_stalled_reader_catches_up_without_loss_or_duplicates() {
         (1..=MESSAGES).collect::<Vec<_>>()
     );
 }
+on_every_engine!(
+    a_stalled_reader_catches_up_without_loss_or_duplicates,
+    tokio::test(flavor = "multi_thread", worker_threads = 2)
+);
 
 /// A stream in more rooms than `CursorSet` polls directly (each room then wakes it through a
 /// waker of its own) gets every room's messages once and in order while all of them flood
 /// at once; so does a subscription to as many rooms; and the stream keeps doing so after it
 /// leaves most rooms (direct polling) and joins them again (queued polling).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_in_many_rooms_gets_each_rooms_messages_once_in_order() {
+async fn a_stream_in_many_rooms_gets_each_rooms_messages_once_in_order(engine: Engine) {
     const ROOMS: usize = 12;
     const PER_ROOM: u64 = 100;
     const MORE: u64 = 10;
-    let server = TestServer::start().await;
+    let server = TestServer::start_on(engine).await;
     let reader = server.client("reader").await;
     let mut chat = Events::open(&reader).await;
     let rooms: Vec<String> = (0..ROOMS).map(|r| format!("room-{r}")).collect();
@@ -662,3 +672,7 @@ async fn a_stream_in_many_rooms_gets_each_rooms_messages_once_in_order() {
         flooding.await.unwrap().unwrap();
     }
 }
+on_every_engine!(
+    a_stream_in_many_rooms_gets_each_rooms_messages_once_in_order,
+    tokio::test(flavor = "multi_thread", worker_threads = 2)
+);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestServer, fields, violated_fields, within};
+use common::{Engine, TestServer, fields, violated_fields, within};
 use confab::{
     Client,
     pb::{self, HistoryDirection, subscribe_response::Event},
@@ -43,9 +43,8 @@ async fn create(client: &Client, room: &str) {
 }
 
 /// Publish assigns seqs; a retry with the same client_msg_id gets the original seq.
-#[tokio::test]
-async fn publish_assigns_seqs_and_deduplicates_retries() {
-    let server = TestServer::start().await;
+async fn publish_assigns_seqs_and_deduplicates_retries(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let bot = server.client("bot").await;
     create(&bot, "news").await;
     assert_eq!(
@@ -102,12 +101,12 @@ async fn publish_assigns_seqs_and_deduplicates_retries() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&status), ["message"]);
 }
+on_every_engine!(publish_assigns_seqs_and_deduplicates_retries);
 
 /// A batch stores the good messages, reports each bad one by index with its reason, and
 /// gives the seq range per room.
-#[tokio::test]
-async fn publish_batch_summarises_accepted_rejected_and_ranges() {
-    let server = TestServer::start().await;
+async fn publish_batch_summarises_accepted_rejected_and_ranges(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let importer = server.client("importer").await;
     create(&importer, "a").await;
     create(&importer, "b").await;
@@ -181,11 +180,11 @@ async fn publish_batch_summarises_accepted_rejected_and_ranges() {
         .unwrap();
     assert_eq!(room.head_seq, 2, "the retry was not stored again");
 }
+on_every_engine!(publish_batch_summarises_accepted_rejected_and_ranges);
 
 /// Subscribe replays after the given seq, then delivers live messages, for several rooms.
-#[tokio::test]
-async fn subscribe_replays_from_a_seq_then_goes_live() {
-    let server = TestServer::start().await;
+async fn subscribe_replays_from_a_seq_then_goes_live(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let bot = server.client("bot").await;
     create(&bot, "one").await;
     create(&bot, "two").await;
@@ -231,11 +230,11 @@ async fn subscribe_replays_from_a_seq_then_goes_live() {
     assert_eq!(one, [7, 8, 9, 10, 11]);
     assert_eq!(two, ["two-2"], "no after_seq means live messages only");
 }
+on_every_engine!(subscribe_replays_from_a_seq_then_goes_live);
 
 /// Subscribe refuses unknown rooms, bad names, duplicates and empty requests up front.
-#[tokio::test]
-async fn subscribe_checks_its_rooms() {
-    let server = TestServer::start().await;
+async fn subscribe_checks_its_rooms(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let reader = server.client("reader").await;
     create(&reader, "real").await;
     let cases = [
@@ -265,11 +264,11 @@ async fn subscribe_checks_its_rooms() {
         );
     }
 }
+on_every_engine!(subscribe_checks_its_rooms);
 
 /// Rooms: create, get, ALREADY_EXISTS, NOT_FOUND, and pagination by name.
-#[tokio::test]
-async fn rooms_are_created_described_and_listed_in_pages() {
-    let server = TestServer::start().await;
+async fn rooms_are_created_described_and_listed_in_pages(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let admin = server.client("admin").await;
     for n in 0..25 {
         create(&admin, &format!("room-{n:02}")).await;
@@ -374,12 +373,12 @@ async fn rooms_are_created_described_and_listed_in_pages() {
         );
     }
 }
+on_every_engine!(rooms_are_created_described_and_listed_in_pages);
 
 /// History pages walk backward (newest first, the way a client scrolls) and forward (the
 /// way an exporter reads), each page in ascending seq order, with no overlap and no hole.
-#[tokio::test]
-async fn history_pages_walk_both_directions() {
-    let server = TestServer::start().await;
+async fn history_pages_walk_both_directions(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let bot = server.client("bot").await;
     create(&bot, "log").await;
     for n in 1..=120 {
@@ -474,11 +473,11 @@ async fn history_pages_walk_both_directions() {
         (Code::InvalidArgument, vec!["direction".into()])
     );
 }
+on_every_engine!(history_pages_walk_both_directions);
 
 /// Members are listed in nickname order, a page at a time.
-#[tokio::test]
-async fn members_are_listed_in_pages() {
-    let server = TestServer::start().await;
+async fn members_are_listed_in_pages(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let mut streams = Vec::new();
     for n in 0..7 {
         let client = server.client(&format!("member{n}")).await;
@@ -512,11 +511,11 @@ async fn members_are_listed_in_pages() {
         (0..7).map(|n| format!("member{n}")).collect::<Vec<_>>()
     );
 }
+on_every_engine!(members_are_listed_in_pages);
 
 /// Every call but Login needs a token; a forged or foreign token is refused.
-#[tokio::test]
-async fn every_call_but_login_needs_a_valid_token() {
-    let server = TestServer::start().await;
+async fn every_call_but_login_needs_a_valid_token(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let anonymous = server.anonymous().await;
     let rpc = anonymous.rpc();
     let codes = [
@@ -584,7 +583,7 @@ async fn every_call_but_login_needs_a_valid_token() {
     );
 
     // A token signed by another server is refused.
-    let other = TestServer::start().await;
+    let other = TestServer::start_on(engine).await;
     let foreign = other.client("alice").await;
     let mut forged = server.anonymous().await;
     forged.set_token(foreign.token().unwrap()).unwrap();
@@ -611,3 +610,4 @@ async fn every_call_but_login_needs_a_valid_token() {
         (Code::InvalidArgument, vec!["nickname".into()])
     );
 }
+on_every_engine!(every_call_but_login_needs_a_valid_token);

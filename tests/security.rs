@@ -7,7 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Events, TestServer, command_error, config, eventually, metric, metrics_until, scrape, within,
+    Engine, Events, Storage, TestServer, command_error, config, eventually, metric, metrics_until,
+    scrape, within,
 };
 use confab::{
     Client, Conversation, ConversationConfig, ConversationEvent,
@@ -30,13 +31,15 @@ fn message(room: &str, text: &str) -> pb::OutgoingMessage {
     }
 }
 
-#[tokio::test]
-async fn a_flooding_user_is_refused_with_retry_info_while_others_flow() {
-    let server = TestServer::with(limited(LimitConfig {
-        send_rate: 2.0,
-        send_burst: 5,
-        ..LimitConfig::unlimited()
-    }))
+async fn a_flooding_user_is_refused_with_retry_info_while_others_flow(engine: Engine) {
+    let server = TestServer::with_on(
+        engine,
+        limited(LimitConfig {
+            send_rate: 2.0,
+            send_burst: 5,
+            ..LimitConfig::unlimited()
+        }),
+    )
     .await;
     let alice = server.client("alice").await;
     let bob = server.client("bob").await;
@@ -105,14 +108,17 @@ async fn a_flooding_user_is_refused_with_retry_info_while_others_flow() {
     let page = scrape(server.metrics_addr).await;
     assert!(metric(&page, r#"confab_limited_total{limit="send_rate"}"#) >= 26.0);
 }
+on_every_engine!(a_flooding_user_is_refused_with_retry_info_while_others_flow);
 
-#[tokio::test]
-async fn a_conversation_paces_itself_to_the_advertised_rate_and_keeps_its_order() {
-    let server = TestServer::with(limited(LimitConfig {
-        send_rate: 20.0,
-        send_burst: 5,
-        ..LimitConfig::unlimited()
-    }))
+async fn a_conversation_paces_itself_to_the_advertised_rate_and_keeps_its_order(engine: Engine) {
+    let server = TestServer::with_on(
+        engine,
+        limited(LimitConfig {
+            send_rate: 20.0,
+            send_burst: 5,
+            ..LimitConfig::unlimited()
+        }),
+    )
     .await;
     let mut login = server.anonymous().await;
     let limits = login.login("probe").await.unwrap().limits.expect("limits");
@@ -146,13 +152,16 @@ async fn a_conversation_paces_itself_to_the_advertised_rate_and_keeps_its_order(
         0.0
     );
 }
+on_every_engine!(a_conversation_paces_itself_to_the_advertised_rate_and_keeps_its_order);
 
-#[tokio::test]
-async fn streams_per_user_are_limited() {
-    let server = TestServer::with(limited(LimitConfig {
-        max_streams_per_user: 2,
-        ..LimitConfig::unlimited()
-    }))
+async fn streams_per_user_are_limited(engine: Engine) {
+    let server = TestServer::with_on(
+        engine,
+        limited(LimitConfig {
+            max_streams_per_user: 2,
+            ..LimitConfig::unlimited()
+        }),
+    )
     .await;
     let alice = server.client("alice").await;
     let first = alice.chat().await.unwrap();
@@ -174,13 +183,16 @@ async fn streams_per_user_are_limited() {
     let page = scrape(server.metrics_addr).await;
     assert!(metric(&page, r#"confab_limited_total{limit="streams_per_user"}"#) >= 1.0);
 }
+on_every_engine!(streams_per_user_are_limited);
 
-#[tokio::test]
-async fn rooms_per_stream_are_limited() {
-    let server = TestServer::with(limited(LimitConfig {
-        max_rooms_per_stream: 2,
-        ..LimitConfig::unlimited()
-    }))
+async fn rooms_per_stream_are_limited(engine: Engine) {
+    let server = TestServer::with_on(
+        engine,
+        limited(LimitConfig {
+            max_rooms_per_stream: 2,
+            ..LimitConfig::unlimited()
+        }),
+    )
     .await;
     let alice = server.client("alice").await;
     let mut chat = Events::open(&alice).await;
@@ -194,14 +206,17 @@ async fn rooms_per_stream_are_limited() {
     assert!(matches!(chat.reply(id).await, Event::Left(_)));
     chat.join("c", None).await;
 }
+on_every_engine!(rooms_per_stream_are_limited);
 
-#[tokio::test]
-async fn room_creation_is_limited_per_user_and_in_total() {
-    let server = TestServer::with(limited(LimitConfig {
-        room_creation_per_minute: 2,
-        max_rooms: 3,
-        ..LimitConfig::unlimited()
-    }))
+async fn room_creation_is_limited_per_user_and_in_total(engine: Engine) {
+    let server = TestServer::with_on(
+        engine,
+        limited(LimitConfig {
+            room_creation_per_minute: 2,
+            max_rooms: 3,
+            ..LimitConfig::unlimited()
+        }),
+    )
     .await;
     let alice = server.client("alice").await;
     let create = |name: &str| pb::CreateRoomRequest {
@@ -230,13 +245,16 @@ async fn room_creation_is_limited_per_user_and_in_total() {
     assert_eq!(status.code(), Code::ResourceExhausted, "the server is full");
     assert!(status.message().contains("most rooms"));
 }
+on_every_engine!(room_creation_is_limited_per_user_and_in_total);
 
-#[tokio::test]
-async fn connections_per_address_are_limited() {
-    let server = TestServer::with(limited(LimitConfig {
-        max_connections_per_ip: 2,
-        ..LimitConfig::unlimited()
-    }))
+async fn connections_per_address_are_limited(engine: Engine) {
+    let server = TestServer::with_on(
+        engine,
+        limited(LimitConfig {
+            max_connections_per_ip: 2,
+            ..LimitConfig::unlimited()
+        }),
+    )
     .await;
     let first = server.client("alice").await;
     let _second = server.client("bob").await;
@@ -260,10 +278,10 @@ async fn connections_per_address_are_limited() {
     let page = scrape(server.metrics_addr).await;
     assert!(metric(&page, r#"confab_limited_total{limit="connections_per_ip"}"#) >= 1.0);
 }
+on_every_engine!(connections_per_address_are_limited);
 
-#[tokio::test]
-async fn a_private_room_admits_only_its_owner_and_invited_users() {
-    let server = TestServer::start().await;
+async fn a_private_room_admits_only_its_owner_and_invited_users(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let alice = server.client("alice").await;
     let bob = server.client("bob").await;
     let room = alice
@@ -395,15 +413,11 @@ async fn a_private_room_admits_only_its_owner_and_invited_users() {
     assert_eq!(updated.updated_by, "alice");
     assert_eq!(updated.room.unwrap().topic, "plans", "and not bob's");
 }
+on_every_engine!(a_private_room_admits_only_its_owner_and_invited_users);
 
-#[tokio::test]
-async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
-    let data_dir = tempfile::tempdir().unwrap();
-    let with_dir = || Config {
-        data_dir: data_dir.path().to_owned(),
-        ..config()
-    };
-    let server = TestServer::on("127.0.0.1:0", with_dir()).await;
+async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart(engine: Engine) {
+    let storage = Storage::new(engine);
+    let server = TestServer::on("127.0.0.1:0", storage.apply(config())).await;
     let alice = server.client("alice").await;
     let bob = server.client("bob").await;
     let mut alice_chat = Events::open(&alice).await;
@@ -490,7 +504,7 @@ async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
     // The ban is stored: it holds after a restart.
     drop((alice_chat, bob_phone, bob_laptop, alice, bob));
     server.stop().await.unwrap();
-    let server = TestServer::on("127.0.0.1:0", with_dir()).await;
+    let server = TestServer::on("127.0.0.1:0", storage.apply(config())).await;
     let bob = server.client("bob").await;
     let mut bob_chat = Events::open(&bob).await;
     let id = bob_chat.chat.sender().join("den", None).await.unwrap();
@@ -508,10 +522,10 @@ async fn the_owner_kicks_and_bans_and_a_ban_outlives_a_restart() {
     ));
     bob_chat.join("den", None).await;
 }
+on_every_engine!(the_owner_kicks_and_bans_and_a_ban_outlives_a_restart);
 
-#[tokio::test]
-async fn the_metrics_page_counts_what_happened() {
-    let server = TestServer::start().await;
+async fn the_metrics_page_counts_what_happened(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let alice = server.client("alice").await;
     let bob = server.client("bob").await;
     let mut alice_chat = Events::open(&alice).await;
@@ -551,6 +565,7 @@ async fn the_metrics_page_counts_what_happened() {
     )
     .await;
 }
+on_every_engine!(the_metrics_page_counts_what_happened);
 
 /// What an identity provider signs.
 #[derive(serde::Serialize)]
@@ -567,20 +582,22 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-#[tokio::test]
-async fn identity_provider_tokens_name_the_user() {
+async fn identity_provider_tokens_name_the_user(engine: Engine) {
     use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
     // The provider's ES256 key pair, made for this test.
     let provider = rcgen::KeyPair::generate().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let public_key = dir.path().join("provider.pem");
     std::fs::write(&public_key, provider.public_key_pem()).unwrap();
-    let server = TestServer::with(Config {
-        jwt_public_key: Some(public_key),
-        jwt_issuer: Some("https://idp.example".into()),
-        in_memory: true,
-        ..config()
-    })
+    let server = TestServer::with_on(
+        engine,
+        Config {
+            jwt_public_key: Some(public_key),
+            jwt_issuer: Some("https://idp.example".into()),
+            in_memory: true,
+            ..config()
+        },
+    )
     .await;
     let signing = EncodingKey::from_ec_pem(provider.serialize_pem().as_bytes()).unwrap();
     let sign = |sub: &str, exp: u64, iss: &str| {
@@ -649,16 +666,19 @@ async fn identity_provider_tokens_name_the_user() {
         assert_eq!(status.code(), Code::Unauthenticated, "{bad}: {status:?}");
     }
 }
+on_every_engine!(identity_provider_tokens_name_the_user);
 
-#[tokio::test]
-async fn a_shared_secret_works_for_hs256_providers() {
+async fn a_shared_secret_works_for_hs256_providers(engine: Engine) {
     use jsonwebtoken::{EncodingKey, Header, encode};
     let secret = "a-provider-secret-of-at-least-32-chars";
-    let server = TestServer::with(Config {
-        jwt_secret: Some(secret.into()),
-        in_memory: true,
-        ..config()
-    })
+    let server = TestServer::with_on(
+        engine,
+        Config {
+            jwt_secret: Some(secret.into()),
+            in_memory: true,
+            ..config()
+        },
+    )
     .await;
     let claims = Claims {
         sub: "carol",
@@ -686,3 +706,4 @@ async fn a_shared_secret_works_for_hs256_providers() {
         .await
         .unwrap();
 }
+on_every_engine!(a_shared_secret_works_for_hs256_providers);

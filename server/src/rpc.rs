@@ -89,6 +89,32 @@ impl ChatServer {
         Ok(room)
     }
 
+    /// Holds `identity`'s nickname over every node (ALREADY_EXISTS while another node's
+    /// login holds it); the local claim is let go if the cluster refuses.
+    async fn hold_over_the_cluster(&self, identity: &Identity) -> Result<(), ChatError> {
+        if !matches!(self.auth.as_ref(), AuthMode::Sessions { .. }) {
+            // The identity provider says who is who.
+            return Ok(());
+        }
+        let key = crate::nickname::key(&identity.nickname);
+        let held = self
+            .hub
+            .engine()
+            .hold_nickname(&key, identity.login, self.nicknames.lease())
+            .await;
+        match held {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.nicknames.release(identity);
+                Err(ChatError::NicknameTaken(identity.nickname.clone()))
+            }
+            Err(error) => {
+                self.nicknames.release(identity);
+                Err(error.into())
+            }
+        }
+    }
+
     /// `Login` on a server that takes identity-provider tokens: the call must carry one;
     /// it is confirmed, and the user is its subject.
     fn confirm_jwt(
@@ -165,6 +191,7 @@ impl ChatService for ChatServer {
             .then(|| tokens.verify(&request.resume_token).ok())
             .flatten();
         let identity = self.nicknames.claim(&nickname, resume.as_ref())?;
+        self.hold_over_the_cluster(&identity).await?;
         let (token, expires) = tokens.issue(&identity);
         tracing::info!(nickname = %identity.nickname, resumed = resume.is_some(), "login");
         Ok(Response::new(pb::LoginResponse {
@@ -243,7 +270,7 @@ impl ChatService for ChatServer {
         let size = pagination::page_size(request.page_size).map_err(ChatError::from)?;
         let after = pagination::decode(&request.page_token, "members", room.name())
             .map_err(ChatError::from)?;
-        let (members, more) = room.members_page(after.as_deref(), size);
+        let (members, more) = room.members_page(after.as_deref(), size).await?;
         let next_page_token = match members.last() {
             Some(last) if more => pagination::encode("members", room.name(), last),
             _ => String::new(),
@@ -458,6 +485,8 @@ impl ChatService for ChatServer {
             return Err(ChatError::ShuttingDown.into());
         }
         let guard = self.hub.limits().open_stream(&user.nickname)?;
+        // A token made on another node (this client's last one, before it failed over).
+        self.hold_over_the_cluster(&user).await?;
         let claim = self.nicknames.open_stream(&user);
         let span = tracing::info_span!("chat", user = %user.nickname);
         let session = Session::new(

@@ -276,6 +276,14 @@ impl Ready {
         for task in housekeeping {
             task.abort();
         }
+        // This node's users are gone: their nicknames are free on the other nodes now
+        // rather than when the lease runs out.
+        for (key, login) in self.nicknames.live_claims() {
+            if let Err(error) = self.engine.release_nickname(&key, login).await {
+                tracing::warn!(%error, "could not let this node's nicknames go");
+                break;
+            }
+        }
         // Every acked message is committed already.
         self.engine.close().await;
         tracing::info!(addr = ?local, "server stopped");
@@ -320,6 +328,26 @@ impl Ready {
                 tick.tick().await;
                 nicknames.prune();
                 limits.prune();
+            }
+        }));
+        // Live claims stay held over the cluster (a no-op on one node): renewed well
+        // within their lease.
+        let (nicknames, engine) = (self.nicknames.clone(), self.engine.clone());
+        let renew = (self.config.nickname_lease / 3).max(Duration::from_secs(1));
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(renew);
+            loop {
+                tick.tick().await;
+                for (key, login) in nicknames.live_claims() {
+                    match engine.hold_nickname(&key, login, nicknames.lease()).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!(key, "a live nickname is held elsewhere"),
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot renew nickname claims");
+                            break;
+                        }
+                    }
+                }
             }
         }));
         if let Some(listener) = metrics_listener {

@@ -27,6 +27,7 @@ use crate::{
     hub::{Hub, Moderation, Presence, RoomEvent},
     limits::StreamGuard,
     metrics::Held,
+    nickname,
     outbound::{End, Outbound, reconnect_notice},
     validate,
 };
@@ -252,6 +253,7 @@ impl Session {
                 .map_err(|e| e.within("ban")),
             Command::Rename(rename) => self
                 .rename(&rename.nickname)
+                .await
                 .map(|renamed| Some(Event::Renamed(renamed)))
                 .map_err(|e| e.within("rename")),
             Command::Ping(ping) => Ok(Some(Event::Pong(pb::Pong {
@@ -268,7 +270,7 @@ impl Session {
 
     /// Moves this stream's login to `nickname`: every joined room must admit the new name
     /// first; then the claim moves, the rooms hear of it, and a token for it is issued.
-    fn rename(&mut self, nickname: &str) -> Result<pb::Renamed, ChatError> {
+    async fn rename(&mut self, nickname: &str) -> Result<pb::Renamed, ChatError> {
         let AuthMode::Sessions { tokens, nicknames } = self.auth.as_ref() else {
             return Err(ChatError::precondition(
                 "nickname",
@@ -281,7 +283,27 @@ impl Session {
                 .admits(&nickname)
                 .map_err(|e| ChatError::denied("nickname", e.to_string()))?;
         }
-        let renamed = nicknames.rename(&self.user, &nickname)?;
+        // Held over the cluster first; let go again if this node's registry refuses.
+        let engine = self.hub.engine();
+        let (old_key, new_key) = (nickname::key(&self.user.nickname), nickname::key(&nickname));
+        if !engine
+            .hold_nickname(&new_key, self.user.login, nicknames.lease())
+            .await?
+        {
+            return Err(ChatError::NicknameTaken(nickname));
+        }
+        let renamed = match nicknames.rename(&self.user, &nickname) {
+            Ok(renamed) => renamed,
+            Err(error) => {
+                if new_key != old_key {
+                    engine.release_nickname(&new_key, self.user.login).await?;
+                }
+                return Err(error);
+            }
+        };
+        if new_key != old_key {
+            engine.release_nickname(&old_key, self.user.login).await?;
+        }
         self.claim = nicknames.open_stream(&renamed);
         for presence in self.rooms.values_mut() {
             presence.rename(&renamed.nickname);

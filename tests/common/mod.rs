@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test file uses its own part of this
 
+pub mod storage;
+
 use std::{
     future::Future,
     net::SocketAddr,
@@ -23,6 +25,7 @@ use confab::{
     },
 };
 use confab_server::{Config, ServerError, limits::LimitConfig};
+pub use storage::{Engine, Storage};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -78,8 +81,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// Where its metrics are served (`http://{metrics_addr}/metrics`).
     pub metrics_addr: SocketAddr,
-    /// Its data dir, when the test did not give one (removed with the server).
-    _data_dir: Option<tempfile::TempDir>,
+    /// Its storage, when the test did not give one (removed with the server).
+    _storage: Option<Storage>,
     /// Sends the shutdown signal.
     stop: Option<oneshot::Sender<()>>,
     /// The server task; resolves when `run` returns.
@@ -94,13 +97,24 @@ impl TestServer {
 
     /// A server with `config` (its `listen` is ignored: the port is picked by the OS),
     /// storing into a fresh temporary data dir unless it is `in_memory`.
-    pub async fn with(mut config: Config) -> Self {
-        let data_dir = (!config.in_memory).then(|| tempfile::tempdir().expect("temp dir"));
-        if let Some(dir) = &data_dir {
-            config.data_dir = dir.path().to_owned();
+    pub async fn with(config: Config) -> Self {
+        if config.in_memory {
+            return Self::on("127.0.0.1:0", config).await;
         }
-        let mut server = Self::on("127.0.0.1:0", config).await;
-        server._data_dir = data_dir;
+        Self::with_on(Engine::Sqlite, config).await
+    }
+
+    /// A server with the [`config`] settings on fresh storage of `engine`.
+    pub async fn start_on(engine: Engine) -> Self {
+        Self::with_on(engine, config()).await
+    }
+
+    /// A server with `config` (its `listen` and storage ignored) on fresh storage of
+    /// `engine`, removed with the server.
+    pub async fn with_on(engine: Engine, config: Config) -> Self {
+        let storage = Storage::new(engine);
+        let mut server = Self::on("127.0.0.1:0", storage.apply(config)).await;
+        server._storage = Some(storage);
         server
     }
 
@@ -122,7 +136,7 @@ impl TestServer {
         Self {
             addr,
             metrics_addr,
-            _data_dir: None,
+            _storage: None,
             stop: Some(stop),
             task: Some(task),
         }

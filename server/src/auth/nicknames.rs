@@ -207,6 +207,29 @@ impl Nicknames {
         }
     }
 
+    /// How long a claim outlives its login's last stream or call.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Lets `identity`'s claim go at once (the cluster refused it).
+    pub fn release(&self, identity: &Identity) {
+        self.claims
+            .remove_if(&nickname::key(&identity.nickname), |_, claim| {
+                claim.login == identity.login
+            });
+    }
+
+    /// The live claims, by comparison key and login: what this node keeps held over the
+    /// cluster.
+    pub fn live_claims(&self) -> Vec<(String, u64)> {
+        self.claims
+            .iter()
+            .filter(|claim| claim.is_live(self.lease))
+            .map(|claim| (claim.key().clone(), claim.login))
+            .collect()
+    }
+
     /// Forgets claims that are no longer live, and the skeletons of forgotten claims, so
     /// the registry does not grow forever.
     pub fn prune(&self) {

@@ -8,6 +8,7 @@
 //! committed messages, and a seq once seen is never reused, even across a crash.
 
 use std::{
+    collections::BTreeSet,
     sync::{
         Arc, Mutex, MutexGuard, OnceLock, Weak,
         atomic::{AtomicU64, Ordering},
@@ -22,7 +23,7 @@ use futures::FutureExt as _;
 use tokio::sync::oneshot;
 
 use super::{
-    Attached, Charge, Engine, EngineError, Feed, FeedEvent, PresenceChange, Published,
+    Applied, Attached, Charge, Engine, EngineError, Feed, FeedEvent, PresenceChange, Published,
     recent::{Commit, RecentSends},
 };
 use crate::{
@@ -58,6 +59,11 @@ struct LocalRoom {
     state: Mutex<LocalState>,
     /// The node's room, once the hub attached it.
     feed: OnceLock<Weak<dyn Feed>>,
+    /// Who is present. A lock of its own, held while the change is delivered (so the
+    /// feed's presence events are in the order of the changes) and never while taking
+    /// another: the hub calls `presence` under its room's lock, and a commit callback run
+    /// inline under `state` takes that lock.
+    members: Mutex<BTreeSet<String>>,
 }
 
 struct LocalState {
@@ -88,6 +94,7 @@ impl LocalRoom {
             committed: AtomicU64::new(record.head_seq),
             state: Mutex::new(LocalState { record, recent }),
             feed: OnceLock::new(),
+            members: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -441,16 +448,30 @@ impl Engine for LocalEngine {
         }
     }
 
-    fn presence(&self, room: &str, change: PresenceChange) {
+    fn presence(&self, room: &str, change: PresenceChange, applied: Option<Applied>) {
         let Ok(local) = self.local(room) else {
             return;
         };
+        let mut members = local.members.lock().unwrap_or_else(|e| e.into_inner());
         // This node is every node: each change is announced as it is.
         let (kind, user, previous) = match change {
-            PresenceChange::Enter(user) => (pb::PresenceKind::Joined, user, String::new()),
-            PresenceChange::Exit(user) => (pb::PresenceKind::Left, user, String::new()),
-            PresenceChange::Rename { old, new } => (pb::PresenceKind::Renamed, new, old),
+            PresenceChange::Enter(user) => {
+                members.insert(user.clone());
+                (pb::PresenceKind::Joined, user, String::new())
+            }
+            PresenceChange::Exit(user) => {
+                members.remove(&user);
+                (pb::PresenceKind::Left, user, String::new())
+            }
+            PresenceChange::Rename { old, new } => {
+                members.remove(&old);
+                members.insert(new.clone());
+                (pb::PresenceKind::Renamed, new, old)
+            }
         };
+        if let Some(applied) = applied {
+            let _ = applied.send(());
+        }
         local.deliver(FeedEvent::Presence(Arc::new(pb::PresenceEvent {
             room: room.to_owned(),
             user,
@@ -458,6 +479,26 @@ impl Engine for LocalEngine {
             at: Some(SystemTime::now().into()),
             previous,
         })));
+    }
+
+    async fn hold_nickname(
+        &self,
+        _key: &str,
+        _login: u64,
+        _lease: Duration,
+    ) -> Result<bool, EngineError> {
+        // One node: its own registry of claims is every node's.
+        Ok(true)
+    }
+
+    async fn release_nickname(&self, _key: &str, _login: u64) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<String>, EngineError> {
+        let local = self.local(room)?;
+        let members = local.members.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(members.iter().cloned().collect())
     }
 
     async fn read_after(

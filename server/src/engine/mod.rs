@@ -22,7 +22,10 @@ pub mod redis;
 #[cfg(test)]
 pub(crate) use recent::RECENT_SENDS;
 
-use std::sync::{Arc, Weak};
+use std::{
+    sync::{Arc, Weak},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use confab::{ChatMessage, pb};
@@ -135,6 +138,9 @@ pub struct Attached {
     pub members: Vec<String>,
 }
 
+/// Told when a presence change is applied (and then seen by [`Engine::members`]).
+pub type Applied = tokio::sync::oneshot::Sender<()>;
+
 /// Decides whether a new message may be sent (the sender's rate); called only for a send
 /// that is not a retry of one already stored, where the engine can tell.
 pub type Charge<'a> = &'a (dyn Fn() -> Result<(), ChatError> + Send + Sync);
@@ -201,8 +207,25 @@ pub trait Engine: Send + Sync + 'static {
     fn announce(&self, room: &str, event: FeedEvent);
 
     /// This node's members of `room` changed; the engine announces what changed over every
-    /// node, once per user. Changes of one room are applied in the order they are made.
-    fn presence(&self, room: &str, change: PresenceChange);
+    /// node, once per user. Changes of one room are applied in the order they are made;
+    /// `applied` (if given) is told when this one is.
+    fn presence(&self, room: &str, change: PresenceChange, applied: Option<Applied>);
+
+    /// The users present in `room` over every node, sorted.
+    async fn members(&self, room: &str) -> Result<Vec<String>, EngineError>;
+
+    /// Holds the nickname keyed `key` ([`crate::nickname::key`]) for `login` over every
+    /// node until `lease` from now; `false` while another login holds it. This node's
+    /// [`crate::auth::Nicknames`] decides first; this is what other nodes see.
+    async fn hold_nickname(
+        &self,
+        key: &str,
+        login: u64,
+        lease: Duration,
+    ) -> Result<bool, EngineError>;
+
+    /// Lets `login`'s hold of the nickname keyed `key` go at once (after a rename).
+    async fn release_nickname(&self, key: &str, login: u64) -> Result<(), EngineError>;
 
     /// Up to `limit` messages of `room` with seq > `after_seq`, oldest first.
     async fn read_after(

@@ -14,11 +14,11 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use confab::{ChatMessage, pb};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use super::{
     access::{Moderation, admit, owner_only},
@@ -34,6 +34,9 @@ use crate::{
     store::{Access, RoomRecord},
     validate::Outgoing,
 };
+
+/// How long a join waits for the engine to count the user present.
+const ENTER_WAIT: Duration = Duration::from_secs(3);
 
 /// One event on a room's ring. Cloning it (once per reader) only bumps reference counts.
 #[derive(Debug, Clone)]
@@ -166,9 +169,15 @@ impl Room {
         info(&state.record, members, self.head_seq())
     }
 
-    /// Up to `limit` present users after `after` (exclusive), in order, and whether more follow.
-    pub fn members_page(&self, after: Option<&str>, limit: usize) -> (Vec<String>, bool) {
-        page(self.roster().iter(), after, limit)
+    /// Up to `limit` present users (over every node) after `after` (exclusive), in order,
+    /// and whether more follow.
+    pub async fn members_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<String>, bool), ChatError> {
+        let members = self.engine.members(&self.name).await?;
+        Ok(page(members.iter(), after, limit))
     }
 
     /// Appends a message from `sender` (PERMISSION_DENIED if they may not be here), unless
@@ -230,7 +239,8 @@ impl Room {
             Moderation::Kick(message) => {
                 // A kick has no one to put out when the user is not here, and the owner
                 // should know (a typo, or they left).
-                if !self.roster().iter().any(|user| nickname::key(user) == key) {
+                let members = self.engine.members(&self.name).await?;
+                if !members.iter().any(|user| nickname::key(user) == key) {
                     return Err(ChatError::precondition(
                         "user",
                         format!("{} is not in room {}", quote(target), quote(&self.name)),
@@ -291,34 +301,48 @@ impl Room {
             Some(seq) => Some(self.resume_point(seq).await?),
             None => None,
         };
-        let mut state = self.state();
-        admit(&state.record, user)?;
-        let removed = state
-            .removals
-            .entry(nickname::key(user))
-            .or_insert_with(|| watch::channel(None).0)
-            .subscribe();
-        let live = self.events.subscribe();
-        let head = self.head_seq();
-        let start_after = resume.unwrap_or_else(|| head.saturating_sub(history));
-        let streams = state.streams.entry(user.to_owned()).or_insert(0);
-        *streams += 1;
-        if *streams == 1 {
-            // Under the lock, so this node's changes reach the engine in order.
-            self.engine
-                .presence(&self.name, PresenceChange::Enter(user.to_owned()));
-        }
-        let mut members = self.roster().clone();
-        // Present now, whenever the feed tells the roster.
-        members.insert(user.to_owned());
-        let joined = pb::Joined {
-            room: Some(info(&state.record, members.len(), head)),
-            members: members.into_iter().collect(),
-            replay_from_seq: start_after + 1,
+        let (joined, cursor, presence, entered) = {
+            let mut state = self.state();
+            admit(&state.record, user)?;
+            let removed = state
+                .removals
+                .entry(nickname::key(user))
+                .or_insert_with(|| watch::channel(None).0)
+                .subscribe();
+            let live = self.events.subscribe();
+            let head = self.head_seq();
+            let start_after = resume.unwrap_or_else(|| head.saturating_sub(history));
+            let streams = state.streams.entry(user.to_owned()).or_insert(0);
+            *streams += 1;
+            let mut entered = None;
+            if *streams == 1 {
+                // Under the lock, so this node's changes reach the engine in order.
+                let (applied, done) = oneshot::channel();
+                self.engine.presence(
+                    &self.name,
+                    PresenceChange::Enter(user.to_owned()),
+                    Some(applied),
+                );
+                entered = Some(done);
+            }
+            let mut members = self.roster().clone();
+            // Present now, whenever the feed tells the roster.
+            members.insert(user.to_owned());
+            let joined = pb::Joined {
+                room: Some(info(&state.record, members.len(), head)),
+                members: members.into_iter().collect(),
+                replay_from_seq: start_after + 1,
+            };
+            let cursor = Cursor::new(self.clone(), live, start_after, head, Some(user.to_owned()));
+            // Made before anything is awaited: however the join ends, the user leaves.
+            let presence = Presence::new(self.clone(), user.to_owned(), removed);
+            (joined, cursor, presence, entered)
         };
-        drop(state);
-        let cursor = Cursor::new(self.clone(), live, start_after, head, Some(user.to_owned()));
-        let presence = Presence::new(self.clone(), user.to_owned(), removed);
+        if let Some(entered) = entered {
+            // Present over every node before the join is answered, so that a member list
+            // asked for next has the user (the wait is bounded: the engine may be away).
+            let _ = tokio::time::timeout(ENTER_WAIT, entered).await;
+        }
         Ok((joined, cursor, presence))
     }
 
@@ -350,7 +374,7 @@ impl Room {
             state.streams.remove(user);
             state.removals.remove(&nickname::key(user));
             self.engine
-                .presence(&self.name, PresenceChange::Exit(user.to_owned()));
+                .presence(&self.name, PresenceChange::Exit(user.to_owned()), None);
         }
     }
 
@@ -389,7 +413,7 @@ impl Room {
             (false, false) => None,
         };
         if let Some(change) = change {
-            self.engine.presence(&self.name, change);
+            self.engine.presence(&self.name, change, None);
         }
         removed
     }

@@ -57,6 +57,11 @@ pub(super) fn node_rooms(node: &str) -> String {
     format!("confab:node:{node}:rooms")
 }
 
+/// Which login holds a nickname (by its comparison key), expiring with its lease.
+pub(super) fn nickname(key: &str) -> String {
+    format!("confab:nick:{key}")
+}
+
 /// The secret the nodes sign session tokens with, made by the first node.
 pub(super) const TOKEN_SECRET: &str = "confab:token-secret";
 

@@ -34,7 +34,9 @@ use redis::{
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use super::{Attached, Charge, Engine, EngineError, Feed, FeedEvent, PresenceChange, Published};
+use super::{
+    Applied, Attached, Charge, Engine, EngineError, Feed, FeedEvent, PresenceChange, Published,
+};
 use crate::{
     error::ChatError,
     metrics::Metrics,
@@ -69,7 +71,7 @@ pub struct RedisEngine {
     /// Each followed room's record as first read, to rebuild its meta should Redis lose it.
     records: DashMap<String, RoomRecord>,
     /// This node's presence changes, applied in order by one task.
-    presence: mpsc::UnboundedSender<(String, PresenceChange)>,
+    presence: mpsc::UnboundedSender<nodes::Change>,
     scripts: Arc<Scripts>,
     dedupe_window: Duration,
     retention: Retention,
@@ -87,6 +89,7 @@ struct Scripts {
     set_access: Script,
     presence: Script,
     trim_age: Script,
+    nickname: Script,
 }
 
 impl Scripts {
@@ -98,6 +101,7 @@ impl Scripts {
             set_access: Script::new(include_str!("lua/set_access.lua")),
             presence: Script::new(include_str!("lua/presence.lua")),
             trim_age: Script::new(include_str!("lua/trim_age.lua")),
+            nickname: Script::new(include_str!("lua/nickname.lua")),
         }
     }
 }
@@ -417,6 +421,8 @@ impl Engine for RedisEngine {
             })
             .await?;
         if duplicate == 0 {
+            self.metrics
+                .committed(sent_at.elapsed().unwrap_or_default());
             self.metrics.messages_in.inc();
         }
         Ok(Published {
@@ -481,8 +487,62 @@ impl Engine for RedisEngine {
         }
     }
 
-    fn presence(&self, room: &str, change: PresenceChange) {
-        let _ = self.presence.send((room.to_owned(), change));
+    fn presence(&self, room: &str, change: PresenceChange, applied: Option<Applied>) {
+        let _ = self.presence.send((room.to_owned(), change, applied));
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<String>, EngineError> {
+        self.timed("members", async {
+            let mut conn = self.conn.clone();
+            let mut members: Vec<String> = conn
+                .hkeys(keys::presence(room))
+                .await
+                .map_err(unavailable)?;
+            members.sort_unstable();
+            Ok(members)
+        })
+        .await
+    }
+
+    async fn hold_nickname(
+        &self,
+        key: &str,
+        login: u64,
+        lease: Duration,
+    ) -> Result<bool, EngineError> {
+        self.timed("hold_nickname", async {
+            let mut conn = self.conn.clone();
+            let held: i64 = self
+                .scripts
+                .nickname
+                .key(keys::nickname(key))
+                .arg("hold")
+                .arg(login)
+                .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(held == 1)
+        })
+        .await
+    }
+
+    async fn release_nickname(&self, key: &str, login: u64) -> Result<(), EngineError> {
+        self.timed("release_nickname", async {
+            let mut conn = self.conn.clone();
+            let _: i64 = self
+                .scripts
+                .nickname
+                .key(keys::nickname(key))
+                .arg("release")
+                .arg(login)
+                .arg(0)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn read_after(

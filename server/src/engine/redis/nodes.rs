@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::{Scripts, keys, unavailable};
 use crate::{
-    engine::{EngineError, PresenceChange},
+    engine::{Applied, EngineError, PresenceChange},
     metrics::Metrics,
 };
 
@@ -27,6 +27,9 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// How long a node may be silent before the others take it for dead.
 const DEAD_AFTER: Duration = Duration::from_secs(5);
+
+/// A presence change of one room, and whom to tell when it is applied.
+pub(super) type Change = (String, PresenceChange, Option<Applied>);
 
 /// This node's part in cluster presence.
 #[derive(Clone)]
@@ -60,16 +63,16 @@ impl Nodes {
 
     /// Applies this node's presence changes in order; a change that fails (Redis out of
     /// reach) is tried again until it is applied, so none is lost or reordered.
-    pub(super) async fn apply_presence(
-        self,
-        mut changes: mpsc::UnboundedReceiver<(String, PresenceChange)>,
-    ) {
-        while let Some((room, change)) = changes.recv().await {
+    pub(super) async fn apply_presence(self, mut changes: mpsc::UnboundedReceiver<Change>) {
+        while let Some((room, change, applied)) = changes.recv().await {
             let mut backoff = Duration::from_millis(50);
             while let Err(error) = self.change(&room, &change).await {
                 tracing::warn!(room, %error, ?backoff, "a presence change waits for Redis");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            if let Some(applied) = applied {
+                let _ = applied.send(());
             }
         }
     }

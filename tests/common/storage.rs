@@ -1,0 +1,212 @@
+//! Where a test server keeps its data, per engine: a temporary SQLite data dir, or a real
+//! `redis-server` of the test's own (on a free loopback port, in a temporary dir, AOF on
+//! with `appendfsync always`), stopped when the test is done. [`on_every_engine!`] runs a
+//! test once per engine.
+
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use confab_server::Config;
+
+/// The engines every guarantee is tested on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// One node, its data in a SQLite file (the default).
+    Sqlite,
+    /// A cluster node on Redis.
+    Redis,
+}
+
+/// Runs the test `name`, an `async fn name(engine: Engine)`, once per [`Engine`]: as the
+/// tests `name::sqlite` and `name::redis`, under the test attribute given (default
+/// `tokio::test`).
+#[macro_export]
+macro_rules! on_every_engine {
+    ($name:ident) => {
+        $crate::on_every_engine!($name, tokio::test);
+    };
+    ($name:ident, $($test:tt)+) => {
+        mod $name {
+            #[$($test)+]
+            async fn sqlite() {
+                super::$name($crate::common::Engine::Sqlite).await
+            }
+
+            #[$($test)+]
+            async fn redis() {
+                super::$name($crate::common::Engine::Redis).await
+            }
+        }
+    };
+}
+
+/// Where one server (or the nodes of one cluster) keeps its data; it outlives a restart.
+pub enum Storage {
+    /// A SQLite data dir.
+    Dir(tempfile::TempDir),
+    /// A Redis of the test's own.
+    Redis(RedisServer),
+}
+
+impl Storage {
+    /// Fresh, empty storage for `engine`.
+    pub fn new(engine: Engine) -> Self {
+        match engine {
+            Engine::Sqlite => Storage::Dir(tempfile::tempdir().expect("temp dir")),
+            Engine::Redis => Storage::Redis(RedisServer::start()),
+        }
+    }
+
+    /// `config`, storing here.
+    pub fn apply(&self, mut config: Config) -> Config {
+        config.in_memory = false;
+        match self {
+            Storage::Dir(dir) => config.data_dir = dir.path().to_owned(),
+            Storage::Redis(redis) => {
+                config.redis = Some(redis.url());
+                // Nothing is kept locally; a dir of its own keeps nodes from sharing one.
+                config.data_dir = redis.dir().join("unused-data-dir");
+            }
+        }
+        config
+    }
+
+    /// The flags of the `confab-server` binary that store here.
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Storage::Dir(dir) => vec!["--data-dir".into(), dir.path().display().to_string()],
+            Storage::Redis(redis) => vec!["--redis".into(), redis.url()],
+        }
+    }
+
+    /// The Redis, if this is one.
+    pub fn redis(&self) -> Option<&RedisServer> {
+        match self {
+            Storage::Redis(redis) => Some(redis),
+            Storage::Dir(_) => None,
+        }
+    }
+
+    /// The Redis, mutably (to kill and restart it).
+    pub fn redis_mut(&mut self) -> Option<&mut RedisServer> {
+        match self {
+            Storage::Redis(redis) => Some(redis),
+            Storage::Dir(_) => None,
+        }
+    }
+}
+
+/// A real `redis-server` child process on a free loopback port.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers PING. Panics (saying what to install) if
+    /// `redis-server` is not on the PATH.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .args(["--logfile", "redis.log"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (install the distribution's package: .ci/run does)");
+        self.child = Some(child);
+        let started = Instant::now();
+        while !self.answers() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "redis-server did not answer on port {}; see {}",
+                self.port,
+                self.dir.path().join("redis.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn answers(&self) -> bool {
+        let Ok(mut conn) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 7];
+        conn.write_all(b"PING\r\n").is_ok()
+            && conn.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG\r\n"
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its working dir (the AOF is there).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Kills it with SIGKILL: what was acked is what the AOF kept.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and dir.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs `redis-cli` with `args` against it and returns what it printed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
