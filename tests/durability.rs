@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use common::{Events, Proxy, TestServer, flood_past_a_stalled_reader, subscribe, within};
+use common::{
+    Engine, Events, Proxy, Storage, TestServer, flood_past_a_stalled_reader, subscribe, within,
+};
 use confab::{
     Backoff, Client, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
     pb::{self, chat_response::Event},
@@ -109,12 +111,11 @@ async fn history(client: &Client, room: &str) -> Vec<pb::ChatMessage> {
 /// Kill -9 mid-stream and restart on the same data dir: every acked message is there
 /// exactly once with its seq, no seq is reused, and the messages the client library sent
 /// again after the restart land exactly once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acked_messages_survive_kill_9_and_retries_land_once() {
+async fn acked_messages_survive_kill_9_and_retries_land_once(engine: Engine) {
     const USERS: usize = 3;
     const PER_USER: usize = 200;
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(dir.path(), "127.0.0.1:0");
+    let storage = Storage::new(engine);
+    let mut server = ServerProcess::start_on(&storage, "127.0.0.1:0");
     let addr = server.addr.to_string();
 
     let users: Vec<_> = (0..USERS)
@@ -156,7 +157,7 @@ async fn acked_messages_survive_kill_9_and_retries_land_once() {
     server.kill();
     assert!(!acked_before_crash.is_empty());
 
-    let _restarted = ServerProcess::start(dir.path(), &addr);
+    let _restarted = ServerProcess::start_on(&storage, &addr);
     eventually("every message to be acked after the restart", || {
         acked_count(&users) == USERS * PER_USER
     })
@@ -208,12 +209,15 @@ async fn acked_messages_survive_kill_9_and_retries_land_once() {
         assert_eq!(seen.lock().unwrap().seqs, seqs);
     }
 }
+on_every_engine!(
+    acked_messages_survive_kill_9_and_retries_land_once,
+    tokio::test(flavor = "multi_thread", worker_threads = 2)
+);
 
 /// A client whose connection drops while others keep sending reconnects by itself and
 /// receives every message exactly once, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_client_resumes_without_loss_or_duplicates() {
-    let server = TestServer::start().await;
+async fn a_dropped_client_resumes_without_loss_or_duplicates(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
     let proxy = Proxy::start(server.addr).await;
     let (_bob, bob_seen) = converse(&proxy.url(), "bob");
     let (alice, alice_seen) = converse(&server.url(), "alice");
@@ -264,18 +268,21 @@ async fn a_dropped_client_resumes_without_loss_or_duplicates() {
         })
     );
 }
+on_every_engine!(
+    a_dropped_client_resumes_without_loss_or_duplicates,
+    tokio::test(flavor = "multi_thread", worker_threads = 2)
+);
 
 /// One reader stops reading while 20,000 messages flow: the others get all of them; the
 /// stalled one is ended with RESOURCE_EXHAUSTED, resumes from its last seq, and ends up
 /// with all of them, in order, once each.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_reader_is_ended_and_resumes_without_loss() {
+async fn a_stalled_reader_is_ended_and_resumes_without_loss(engine: Engine) {
     const MESSAGES: u64 = 20_000;
     let config = Config {
         stall_timeout: Duration::from_millis(100),
         ..common::config()
     };
-    let server = TestServer::with(config).await;
+    let server = TestServer::with_on(engine, config).await;
     let (stalled_client, mut stalled, publishing) =
         flood_past_a_stalled_reader(&server, MESSAGES).await;
     within("the batch", publishing).await.unwrap().unwrap();
@@ -306,16 +313,16 @@ async fn a_stalled_reader_is_ended_and_resumes_without_loss() {
     }
     assert_eq!(got, (1..=MESSAGES).collect::<Vec<_>>());
 }
+on_every_engine!(
+    a_stalled_reader_is_ended_and_resumes_without_loss,
+    tokio::test(flavor = "multi_thread", worker_threads = 2)
+);
 
 /// A retried client_msg_id is stored once and acked with the original seq, also after a
 /// restart, on Chat, Publish and PublishBatch alike.
-#[tokio::test]
-async fn retries_are_stored_once_even_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().to_owned(),
-        ..common::config()
-    };
+async fn retries_are_stored_once_even_after_a_restart(engine: Engine) {
+    let storage = Storage::new(engine);
+    let config = storage.apply(common::config());
     let server = TestServer::on("127.0.0.1:0", config.clone()).await;
     let alice = server.client("alice").await;
     let mut chat = Events::open(&alice).await;
@@ -396,17 +403,17 @@ async fn retries_are_stored_once_even_after_a_restart() {
         .collect();
     assert_eq!(texts, ["first", "second"]);
 }
+on_every_engine!(retries_are_stored_once_even_after_a_restart);
 
 /// With a small retention limit, a resume from an old seq gets an explicit gap event and
 /// then the retained messages; history and Subscribe report the gap too.
-#[tokio::test]
-async fn resuming_past_retention_reports_the_gap() {
+async fn resuming_past_retention_reports_the_gap(engine: Engine) {
     let config = Config {
         retention_messages: Some(10),
         retention_interval: Duration::from_millis(50),
         ..common::config()
     };
-    let server = TestServer::with(config).await;
+    let server = TestServer::with_on(engine, config).await;
     let alice = server.client("alice").await;
     alice
         .rpc()
@@ -503,16 +510,13 @@ async fn resuming_past_retention_reports_the_gap() {
         .collect();
     assert_eq!(texts.len(), 10);
 }
+on_every_engine!(resuming_past_retention_reports_the_gap);
 
 /// A session token stays valid across a restart on the same data dir (the signing secret
 /// is kept there), and an expired token is refused.
-#[tokio::test]
-async fn tokens_outlive_a_restart_and_expire() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: dir.path().to_owned(),
-        ..common::config()
-    };
+async fn tokens_outlive_a_restart_and_expire(engine: Engine) {
+    let storage = Storage::new(engine);
+    let config = storage.apply(common::config());
     let server = TestServer::on("127.0.0.1:0", config.clone()).await;
     let token = server.client("alice").await.token().unwrap().to_owned();
     server.stop().await.unwrap();
@@ -526,10 +530,13 @@ async fn tokens_outlive_a_restart_and_expire() {
         .await
         .expect("the old token is still good");
 
-    let short_lived = TestServer::with(Config {
-        token_ttl: Duration::ZERO,
-        ..common::config()
-    })
+    let short_lived = TestServer::with_on(
+        engine,
+        Config {
+            token_ttl: Duration::ZERO,
+            ..common::config()
+        },
+    )
     .await;
     let bob = short_lived.client("bob").await;
     let status = bob
@@ -540,3 +547,4 @@ async fn tokens_outlive_a_restart_and_expire() {
     assert_eq!(status.code(), Code::Unauthenticated);
     assert!(status.message().contains("expired"), "{status:?}");
 }
+on_every_engine!(tokens_outlive_a_restart_and_expire);

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::within;
+use crate::common::{Storage, within};
 
 /// A started `confab-server` process.
 pub struct ServerProcess {
@@ -29,9 +29,21 @@ impl ServerProcess {
     /// Starts the binary on `data_dir` and `listen` (`127.0.0.1:0` for any free port) and
     /// waits for the line that says where it listens.
     pub fn start(data_dir: &Path, listen: &str) -> Self {
+        Self::with_args(
+            &["--data-dir".into(), data_dir.display().to_string()],
+            listen,
+        )
+    }
+
+    /// Starts the binary storing in `storage` (a data dir, or a Redis) on `listen`.
+    pub fn start_on(storage: &Storage, listen: &str) -> Self {
+        Self::with_args(&storage.args(), listen)
+    }
+
+    fn with_args(storage: &[String], listen: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_confab-server"))
-            .args(["--listen", listen, "--data-dir"])
-            .arg(data_dir)
+            .args(["--listen", listen])
+            .args(storage)
             // The tests flood on purpose; flood control has tests of its own.
             .args(["--send-rate", "0", "--max-streams-per-user", "1000"])
             .args(["--metrics-listen", "127.0.0.1:0"])
