@@ -13,7 +13,7 @@
 //! changes for a status line.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     num::NonZeroU32,
     time::Duration,
 };
@@ -37,8 +37,10 @@ const EVENT_QUEUE: usize = 1024;
 /// How to reach the server and whom to be.
 #[derive(Debug, Clone)]
 pub struct ConversationConfig {
-    /// The server's address, `http://host:port`.
-    pub server: String,
+    /// The servers' addresses (`http://host:port`): the nodes of one cluster, or one
+    /// server. The first is tried first; when one cannot be reached or goes away, the next
+    /// in turn (with backoff), and every room resumes from its last seq there.
+    pub servers: Vec<String>,
     /// The nickname to claim.
     pub nickname: String,
     /// Rooms to join from the start.
@@ -56,7 +58,7 @@ impl ConversationConfig {
     /// Settings for `nickname` at `server`, joining `rooms`, with the default backoff.
     pub fn new(server: impl Into<String>, nickname: impl Into<String>, rooms: &[&str]) -> Self {
         Self {
-            server: server.into(),
+            servers: vec![server.into()],
             nickname: nickname.into(),
             rooms: rooms.iter().map(|r| r.to_string()).collect(),
             backoff: Backoff::default(),
@@ -104,6 +106,8 @@ pub enum ConnectionState {
     Connecting {
         /// How many attempts failed before this one.
         attempt: u32,
+        /// The server this attempt goes to.
+        server: String,
     },
     /// Connected and every room rejoined.
     Connected {
@@ -200,6 +204,7 @@ impl Conversation {
         let task = Task {
             rooms: config.rooms.iter().map(|r| (r.clone(), None)).collect(),
             config,
+            next_server: 0,
             token: None,
             pending: VecDeque::new(),
             events,
@@ -347,6 +352,8 @@ impl Lost {
 
 struct Task {
     config: ConversationConfig,
+    /// Which of `config.servers` the next connection goes to.
+    next_server: usize,
     /// The session token, presented again to keep the nickname.
     token: Option<String>,
     /// Joined rooms and the last seq delivered in each (`None`: nothing yet).
@@ -358,6 +365,9 @@ struct Task {
     /// From the application.
     ops: mpsc::Receiver<Op>,
 }
+
+/// How long a send the server could not store for now (UNAVAILABLE) waits to go again.
+const UNAVAILABLE_RETRY: Duration = Duration::from_millis(250);
 
 /// What one connection has asked of the server and not heard back about yet.
 struct Live {
@@ -398,10 +408,22 @@ impl Live {
 }
 
 impl Task {
+    /// The server the next connection goes to.
+    fn server(&self) -> &str {
+        self.config
+            .servers
+            .get(self.next_server)
+            .map_or("", String::as_str)
+    }
+
     async fn run(mut self) {
         let mut attempt = 0;
         loop {
-            if !self.state(ConnectionState::Connecting { attempt }).await {
+            let server = self.server().to_owned();
+            if !self
+                .state(ConnectionState::Connecting { attempt, server })
+                .await
+            {
                 return;
             }
             let reason = match self.connect_and_chat(&mut attempt).await {
@@ -419,6 +441,9 @@ impl Task {
                 }
             };
             attempt += 1;
+            // A node that went away (or cannot be reached) is most likely still away: the
+            // next attempt goes to the next server.
+            self.next_server = (self.next_server + 1) % self.config.servers.len().max(1);
             let retry_in = self.config.backoff.delay(attempt);
             tracing::debug!(%reason, ?retry_in, "connection lost");
             if !self
@@ -569,7 +594,7 @@ impl Task {
 
     /// Connects and logs in; the server's limits, for pacing.
     async fn login(&mut self) -> Result<(Client, pb::ServerLimits), Lost> {
-        let mut client = Client::connect_with(&self.config.server, self.config.tls.as_ref())
+        let mut client = Client::connect_with(self.server(), self.config.tls.as_ref())
             .await
             .map_err(|error| Lost::failed(error.to_string(), &error, false))?;
         let login = match &self.config.identity_token {
@@ -681,18 +706,21 @@ impl Task {
         // clients): wait as told, send it again first.
         if Code::from(error.code) == Code::ResourceExhausted
             && let Some(retry_after) = error.retry_after
-            && let Some(client_msg_id) = live.sends.remove(&id)
+            && live.sends.contains_key(&id)
         {
             let wait = Duration::try_from(retry_after).unwrap_or_default();
-            if let Some(message) = self
-                .pending
-                .iter()
-                .find(|m| m.client_msg_id == client_msg_id)
-            {
-                live.unsent.push_front(message.clone());
-            }
-            live.hold_until = Some(tokio::time::Instant::now() + wait.min(Duration::from_secs(5)));
+            self.requeue(id, live, wait.min(Duration::from_secs(5)));
             return Ok(false);
+        }
+        // The server cannot reach its storage for now (a cluster's Redis is down): nothing
+        // is refused for good. A send goes out again under its client_msg_id in a moment
+        // (it lands once, whatever became of this try); anything else reconnects.
+        if Code::from(error.code) == Code::Unavailable {
+            if live.sends.contains_key(&id) {
+                self.requeue(id, live, UNAVAILABLE_RETRY);
+                return Ok(false);
+            }
+            return Err(Lost::Retry(error.message.clone()));
         }
         if let Some(client_msg_id) = live.sends.remove(&id) {
             self.pending.retain(|m| m.client_msg_id != client_msg_id);
@@ -710,10 +738,21 @@ impl Task {
                 return Err(Lost::Closed);
             }
         }
-        if Code::from(error.code) == Code::Unavailable {
-            return Err(Lost::Retry(error.message.clone()));
-        }
         Ok(true)
+    }
+
+    /// Sends the message of request `id` again after `wait`: every message not in flight
+    /// goes out again in the order it was first sent.
+    fn requeue(&mut self, id: u64, live: &mut Live, wait: Duration) {
+        live.sends.remove(&id);
+        let in_flight: HashSet<&String> = live.sends.values().collect();
+        live.unsent = self
+            .pending
+            .iter()
+            .filter(|m| !in_flight.contains(&m.client_msg_id))
+            .cloned()
+            .collect();
+        live.hold_until = Some(tokio::time::Instant::now() + wait);
     }
 
     /// A room joined (or rejoined): where it resumes from; the connection is up once

@@ -244,7 +244,10 @@ impl App {
             rooms: rooms.iter().map(|r| RoomView::new(r)).collect(),
             active: 0,
             input: Input::default(),
-            connection: ConnectionState::Connecting { attempt: 0 },
+            connection: ConnectionState::Connecting {
+                attempt: 0,
+                server: String::new(),
+            },
             reconnected: false,
             rtt: None,
             hint: None,

@@ -78,7 +78,7 @@ pub async fn embedded_server() -> anyhow::Result<(String, oneshot::Sender<()>)> 
 }
 
 /// Starts `users` simulated users in `room` on `server`; they run until the process ends.
-pub fn start_users(server: &str, room: &str, users: usize) {
+pub fn start_users(servers: &[String], room: &str, users: usize) {
     for name in NAMES
         .iter()
         .cycle()
@@ -92,7 +92,7 @@ pub fn start_users(server: &str, room: &str, users: usize) {
             }
         })
     {
-        tokio::spawn(simulate(server.to_owned(), room.to_owned(), name));
+        tokio::spawn(simulate(servers.to_vec(), room.to_owned(), name));
     }
 }
 
@@ -101,10 +101,11 @@ fn pause(min_ms: u64, max_ms: u64) -> Duration {
 }
 
 /// One simulated user: listens, and every few seconds does something.
-async fn simulate(server: String, room: String, name: String) {
+async fn simulate(servers: Vec<String>, room: String, name: String) {
     let config = ConversationConfig {
         backoff: Backoff::default(),
-        ..ConversationConfig::new(&server, &name, &[&room])
+        servers,
+        ..ConversationConfig::new("", &name, &[&room])
     };
     let (chat, mut events) = Conversation::start(config);
     let mut next = Box::pin(tokio::time::sleep(pause(1_000, 4_000)));

@@ -34,9 +34,11 @@ use crate::{
 #[command(name = "confab", version, about)]
 struct Cli {
     /// The server, `host:port` or `http://host:port` (`https://` for TLS) [default:
-    /// 127.0.0.1:50051; for `demo`, a server of its own].
-    #[arg(long, env = "CONFAB_SERVER", global = true)]
-    server: Option<String>,
+    /// 127.0.0.1:50051; for `demo`, a server of its own]. Repeat it (or separate them with
+    /// commas) for the nodes of a cluster: when one goes away, the client moves to the next
+    /// and resumes every room from its last message.
+    #[arg(long, env = "CONFAB_SERVER", value_delimiter = ',', global = true)]
+    server: Vec<String>,
     /// The CA (PEM) that signed an `https://` server's certificate.
     #[arg(long, env = "CONFAB_TLS_CA", global = true)]
     tls_ca: Option<std::path::PathBuf>,
@@ -96,7 +98,7 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_server = cli.server.is_none() && cli.mode.is_none();
+    let default_server = cli.server.is_empty() && cli.mode.is_none();
     match start(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -117,7 +119,11 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "guest".into());
     let mut config = ConversationConfig {
-        server: cli.server.clone().unwrap_or_else(|| DEFAULT_SERVER.into()),
+        servers: if cli.server.is_empty() {
+            vec![DEFAULT_SERVER.into()]
+        } else {
+            cli.server.clone()
+        },
         nickname: nick.clone(),
         rooms: cli.rooms.clone(),
         backoff: Default::default(),
@@ -134,16 +140,15 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
         },
     };
     if let Some(Mode::Demo { users }) = cli.mode {
-        let _server = match &cli.server {
-            Some(_) => None,
-            None => {
-                let (url, stop) = demo::embedded_server().await?;
-                config.server = url;
-                Some(stop)
-            }
+        let _server = if cli.server.is_empty() {
+            let (url, stop) = demo::embedded_server().await?;
+            config.servers = vec![url];
+            Some(stop)
+        } else {
+            None
         };
         let room = cli.rooms.first().cloned().unwrap_or_else(|| "lobby".into());
-        demo::start_users(&config.server, &room, users);
+        demo::start_users(&config.servers, &room, users);
         return chat(config, false, cli.scrollback).await;
     }
     if cli.pipe {
@@ -154,7 +159,7 @@ async fn start(cli: Cli) -> anyhow::Result<()> {
             .context("--pipe needs a --room")?;
         return pipe::run(config, &room, cli.follow, cli.connect_timeout).await;
     }
-    chat(config, cli.server.is_none(), cli.scrollback).await
+    chat(config, cli.server.is_empty(), cli.scrollback).await
 }
 
 /// The full-screen client; `default_server`: no server was named, so a refused connection

@@ -25,7 +25,7 @@ pub async fn run(
     follow: bool,
     connect_timeout: Duration,
 ) -> anyhow::Result<()> {
-    let server = config.server.clone();
+    let server = config.servers.join(", ");
     let (conversation, mut events) = Conversation::start(config);
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut stdin_open = true;
@@ -137,8 +137,8 @@ impl Replay {
 fn json_line(event: &ConversationEvent) -> Option<Value> {
     Some(match event {
         ConversationEvent::Connection(state) => match state {
-            ConnectionState::Connecting { attempt } => {
-                json!({"kind": "connecting", "attempt": attempt})
+            ConnectionState::Connecting { attempt, server } => {
+                json!({"kind": "connecting", "attempt": attempt, "server": server})
             }
             ConnectionState::Connected { resume_complete } => {
                 json!({"kind": "connected", "resume_complete": resume_complete})

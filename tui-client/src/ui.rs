@@ -405,14 +405,14 @@ fn status(app: &App, width: u16) -> Line<'static> {
             }
             spans
         }
-        ConnectionState::Connecting { attempt: 0 } => {
+        ConnectionState::Connecting { attempt: 0, .. } => {
             vec![Span::styled(
                 "○ connecting…",
                 Style::new().fg(Color::Yellow),
             )]
         }
-        ConnectionState::Connecting { attempt } => vec![Span::styled(
-            format!("○ reconnecting (attempt {})…", attempt + 1),
+        ConnectionState::Connecting { attempt, server } => vec![Span::styled(
+            format!("○ reconnecting to {server} (attempt {})…", attempt + 1),
             Style::new().fg(Color::Yellow),
         )],
         ConnectionState::Disconnected { reason, retry_in } => vec![Span::styled(
