@@ -479,9 +479,22 @@ impl ChatSender {
 
     /// Joins `room`; with `after_seq`, resumes after that seq instead of recent history.
     pub async fn join(&self, room: &str, after_seq: Option<u64>) -> Result<u64, ClientError> {
+        self.join_at(room, after_seq, "").await
+    }
+
+    /// Joins `room` as [`ChatSender::join`] does, `after_seq` counting in the room's
+    /// `epoch` (from the last `Joined`, empty if unknown): if the room's log has started
+    /// again since, the server replays the new one after a reset gap.
+    pub async fn join_at(
+        &self,
+        room: &str,
+        after_seq: Option<u64>,
+        epoch: &str,
+    ) -> Result<u64, ClientError> {
         self.command(Command::Join(JoinRoom {
             room: room.to_owned(),
             after_seq,
+            epoch: epoch.to_owned(),
         }))
         .await
     }

@@ -205,6 +205,7 @@ impl Conversation {
             rooms: config.rooms.iter().map(|r| (r.clone(), None)).collect(),
             config,
             next_server: 0,
+            epochs: HashMap::new(),
             token: None,
             pending: VecDeque::new(),
             events,
@@ -358,6 +359,8 @@ struct Task {
     token: Option<String>,
     /// Joined rooms and the last seq delivered in each (`None`: nothing yet).
     rooms: BTreeMap<String, Option<u64>>,
+    /// Each joined room's epoch, as the last join said: the seqs above count in it.
+    epochs: HashMap<String, String>,
     /// Messages sent and not yet acked, in the order they were sent.
     pending: VecDeque<OutgoingMessage>,
     /// To the application.
@@ -570,8 +573,9 @@ impl Task {
         let (sender, events) = chat.split();
         let mut joins = HashMap::new();
         for (room, last) in &self.rooms {
+            let epoch = self.epochs.get(room).map_or("", String::as_str);
             let id = sender
-                .join(room, *last)
+                .join_at(room, *last, epoch)
                 .await
                 .map_err(|error| Lost::Retry(error.to_string()))?;
             joins.insert(id, room.clone());
@@ -654,7 +658,13 @@ impl Task {
             Event::Gap(gap) => {
                 live.resume_complete = false;
                 if let Some(last) = self.rooms.get_mut(&gap.room) {
-                    *last = Some(last.unwrap_or(0).max(gap.to_seq));
+                    *last = Some(if gap.reset {
+                        // The room's log started again: its seqs count from 1 again.
+                        self.epochs.insert(gap.room.clone(), gap.epoch.clone());
+                        0
+                    } else {
+                        last.unwrap_or(0).max(gap.to_seq)
+                    });
                 }
             }
             Event::Ack(ack) => {
@@ -772,6 +782,9 @@ impl Task {
             .as_ref()
             .map(|r| r.name.as_str())
             .unwrap_or_default();
+        if self.rooms.contains_key(room) {
+            self.epochs.insert(room.to_owned(), joined.epoch.clone());
+        }
         if let Some(last) = self.rooms.get_mut(room) {
             match *last {
                 None => *last = Some(start),

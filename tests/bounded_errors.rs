@@ -308,24 +308,34 @@ async fn publish_batch_rejections() {
 }
 
 #[tokio::test]
-async fn subscribe_room() {
+async fn subscribe_room_and_epoch() {
     let server = TestServer::start().await;
-    let mut rpc = server.client("alice").await.rpc();
-    let request = pb::SubscribeRequest {
-        rooms: vec![pb::RoomPosition {
-            room: huge(),
-            after_seq: None,
-        }],
+    let alice = server.client("alice").await;
+    common::create_room(&alice, "r").await;
+    let mut rpc = alice.rpc();
+    let huge_room = pb::RoomPosition {
+        room: huge(),
+        ..Default::default()
     };
-    let status = match rpc.subscribe(request).await {
-        Err(status) => status,
-        Ok(stream) => stream
-            .into_inner()
-            .message()
-            .await
-            .expect_err("refused on the stream"),
+    let huge_epoch = pb::RoomPosition {
+        room: "r".into(),
+        after_seq: Some(0),
+        epoch: huge(),
     };
-    assert_refused("Subscribe", status, "rooms[0].room");
+    for (position, field) in [(huge_room, "rooms[0].room"), (huge_epoch, "rooms[0].epoch")] {
+        let request = pb::SubscribeRequest {
+            rooms: vec![position],
+        };
+        let status = match rpc.subscribe(request).await {
+            Err(status) => status,
+            Ok(stream) => stream
+                .into_inner()
+                .message()
+                .await
+                .expect_err("refused on the stream"),
+        };
+        assert_refused("Subscribe", status, field);
+    }
 }
 
 #[tokio::test]
@@ -334,9 +344,15 @@ async fn chat_join_and_leave_rooms() {
     let mut events = chat(&server).await;
     let join = Command::Join(pb::JoinRoom {
         room: huge(),
-        after_seq: None,
+        ..Default::default()
     });
     refused_in_band(&mut events, join, "join.room").await;
+    let join = Command::Join(pb::JoinRoom {
+        room: "r".into(),
+        after_seq: Some(1),
+        epoch: huge(),
+    });
+    refused_in_band(&mut events, join, "join.epoch").await;
     let leave = Command::Leave(pb::LeaveRoom { room: huge() });
     refused_in_band(&mut events, leave, "leave.room").await;
     let typing = Command::Typing(pb::SetTyping {

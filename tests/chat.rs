@@ -583,6 +583,7 @@ async fn a_stream_in_many_rooms_gets_each_rooms_messages_once_in_order(engine: E
                 .map(|room| RoomPosition {
                     room: room.clone(),
                     after_seq: Some(0),
+                    ..Default::default()
                 })
                 .collect(),
         })

@@ -464,7 +464,8 @@ async fn resuming_past_retention_reports_the_gap(engine: Engine) {
         Some(pb::HistoryGap {
             room: "r".into(),
             from_seq: 1,
-            to_seq: 40
+            to_seq: 40,
+            ..Default::default()
         })
     );
     assert_eq!(page.messages.first().map(|m| m.seq), Some(41));
@@ -481,7 +482,8 @@ async fn resuming_past_retention_reports_the_gap(engine: Engine) {
         Some(Event::Gap(pb::HistoryGap {
             room: "r".into(),
             from_seq: 6,
-            to_seq: 40
+            to_seq: 40,
+            ..Default::default()
         }))
     );
     let mut seqs = Vec::new();
@@ -500,7 +502,8 @@ async fn resuming_past_retention_reports_the_gap(engine: Engine) {
         Some(pb::subscribe_response::Event::Gap(pb::HistoryGap {
             room: "r".into(),
             from_seq: 1,
-            to_seq: 40
+            to_seq: 40,
+            ..Default::default()
         }))
     );
     let texts: HashSet<String> = history(&alice, "r")

@@ -201,10 +201,12 @@ async fn subscribe_replays_from_a_seq_then_goes_live(engine: Engine) {
                 pb::RoomPosition {
                     room: "one".into(),
                     after_seq: Some(6),
+                    ..Default::default()
                 },
                 pb::RoomPosition {
                     room: "two".into(),
                     after_seq: None,
+                    ..Default::default()
                 },
             ],
         })
@@ -252,6 +254,7 @@ async fn subscribe_checks_its_rooms(engine: Engine) {
                     .map(|r| pb::RoomPosition {
                         room: r.to_string(),
                         after_seq: Some(0),
+                        ..Default::default()
                     })
                     .collect(),
             })

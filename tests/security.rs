@@ -332,6 +332,7 @@ async fn a_private_room_admits_only_its_owner_and_invited_users(engine: Engine) 
             rooms: vec![pb::RoomPosition {
                 room: "secret".into(),
                 after_seq: None,
+                ..Default::default()
             }],
         })
         .await

@@ -55,7 +55,7 @@ async fn round(readers: u64) -> Duration {
     let room = hub.open_room("bench", "publisher").await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..readers {
-        let mut cursor = room.tail(None).await.unwrap();
+        let mut cursor = room.tail(None, "").await.unwrap();
         tasks.push(tokio::spawn(async move {
             let mut seen = 0;
             while seen < MESSAGES {

@@ -30,6 +30,7 @@ fn room(name: String) -> RoomRecord {
         head_seq: 0,
         private: false,
         access: Default::default(),
+        epoch: "bench".into(),
     }
 }
 

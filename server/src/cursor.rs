@@ -18,7 +18,7 @@
 
 use std::{collections::VecDeque, pin::Pin, sync::Arc};
 
-use confab::ChatMessage;
+use confab::{ChatMessage, pb};
 use futures::Stream;
 use tokio::sync::broadcast::{self, error::RecvError};
 
@@ -46,8 +46,38 @@ pub enum Delivery {
         /// The last missing seq.
         to: u64,
     },
+    /// The room's log was lost and started again under `epoch`: the reader's seqs up to
+    /// `through` name nothing any more, and what follows is the new log from seq 1.
+    Reset {
+        /// The new epoch.
+        epoch: String,
+        /// The last seq the reader had of the old log.
+        through: u64,
+    },
     /// The room's owner put the reader out (see [`crate::hub::Presence::removed`]).
     Removed(Arc<Removal>),
+}
+
+impl Delivery {
+    /// A gap or reset as the protocol says it; `None` for anything else.
+    pub fn history_gap(&self, room: &str) -> Option<pb::HistoryGap> {
+        Some(match self {
+            Delivery::Gap { from, to } => pb::HistoryGap {
+                room: room.to_owned(),
+                from_seq: *from,
+                to_seq: *to,
+                ..Default::default()
+            },
+            Delivery::Reset { epoch, through } => pb::HistoryGap {
+                room: room.to_owned(),
+                from_seq: 1,
+                to_seq: *through,
+                reset: true,
+                epoch: epoch.clone(),
+            },
+            Delivery::Event(_) | Delivery::Removed(_) => return None,
+        })
+    }
 }
 
 /// One reader's position in one room.
@@ -64,6 +94,8 @@ pub struct Cursor {
     backlog: VecDeque<ChatMessage>,
     /// The reader's nickname: its own typing notices are not sent back to it.
     reader: Option<String>,
+    /// Said before anything else (a resume that named an epoch the room no longer has).
+    reset: Option<Delivery>,
 }
 
 impl Cursor {
@@ -83,7 +115,15 @@ impl Cursor {
             replay_until: head,
             backlog: VecDeque::new(),
             reader,
+            reset: None,
         }
+    }
+
+    /// This cursor first says that the reader's seqs up to `through` are of a log that
+    /// started again under `epoch`.
+    pub(crate) fn after_reset(mut self, epoch: String, through: u64) -> Self {
+        self.reset = Some(Delivery::Reset { epoch, through });
+        self
     }
 
     /// The room this cursor reads.
@@ -93,6 +133,9 @@ impl Cursor {
 
     /// The next delivery; `None` if the room's ring closed (the hub is gone).
     pub async fn next(&mut self) -> Result<Option<Delivery>, ChatError> {
+        if let Some(reset) = self.reset.take() {
+            return Ok(Some(reset));
+        }
         loop {
             if let Some(message) = self.backlog.pop_front() {
                 self.next_seq = message.seq + 1;
@@ -125,6 +168,15 @@ impl Cursor {
                     if self.reader.as_deref() == Some(typing.user.as_str()) =>
                 {
                     continue;
+                }
+                Ok(RoomEvent::Reset(epoch)) => {
+                    // What was read of the old log means nothing now; the new one is read
+                    // from its start.
+                    let through = self.next_seq - 1;
+                    self.backlog.clear();
+                    self.next_seq = 1;
+                    self.replay_until = self.room.head_seq();
+                    return Ok(Some(Delivery::Reset { epoch, through }));
                 }
                 Ok(event) => return Ok(Some(Delivery::Event(event))),
                 Err(RecvError::Lagged(skipped)) => {

@@ -323,6 +323,7 @@ impl ChatService for ChatServer {
                 room: room.name().to_owned(),
                 from_seq: from,
                 to_seq: to,
+                ..Default::default()
             })
         };
         let (messages, next, gap) = match direction {
@@ -458,7 +459,9 @@ impl ChatService for ChatServer {
             if cursors.contains(&position.room) {
                 return Err(ChatError::invalid(field, "this room is named twice").into());
             }
-            let cursor: Cursor = room.tail(position.after_seq).await?;
+            validate::epoch(&format!("rooms[{i}].epoch"), &position.epoch)
+                .map_err(ChatError::from)?;
+            let cursor: Cursor = room.tail(position.after_seq, &position.epoch).await?;
             cursors.insert(&position.room, cursor.into_stream());
         }
         let guard = self.hub.limits().open_stream(&user.nickname)?;
@@ -538,15 +541,17 @@ async fn tail(
                 Some((room, Ok(delivery))) => {
                     let event = match delivery {
                         Delivery::Event(RoomEvent::Message(message)) => Some(Event::Message(message)),
-                        Delivery::Gap { from, to } => Some(Event::Gap(pb::HistoryGap {
-                            room: room.to_string(),
-                            from_seq: from,
-                            to_seq: to,
-                        })),
+                        Delivery::Gap { .. } | Delivery::Reset { .. } => {
+                            delivery.history_gap(&room).map(Event::Gap)
+                        }
                         // A subscription is a read-only tail of messages (and has no
-                        // presence to be put out of).
+                        // presence to be put out of); a cursor turns the ring's reset into
+                        // `Delivery::Reset`.
                         Delivery::Event(
-                            RoomEvent::Presence(_) | RoomEvent::Typing(_) | RoomEvent::Updated(_),
+                            RoomEvent::Presence(_)
+                            | RoomEvent::Typing(_)
+                            | RoomEvent::Updated(_)
+                            | RoomEvent::Reset(_),
                         )
                         | Delivery::Removed(_) => None,
                     };

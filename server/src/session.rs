@@ -337,6 +337,7 @@ impl Session {
             .join(
                 &self.user.nickname,
                 join.after_seq,
+                &join.epoch,
                 self.hub.config().history_on_join,
             )
             .await?;
@@ -480,11 +481,18 @@ fn chat_event(room: &str, delivery: Delivery) -> Event {
         Delivery::Event(RoomEvent::Presence(presence)) => Event::Presence((*presence).clone()),
         Delivery::Event(RoomEvent::Typing(typing)) => Event::Typing((*typing).clone()),
         Delivery::Event(RoomEvent::Updated(update)) => Event::RoomUpdated((*update).clone()),
-        Delivery::Gap { from, to } => Event::Gap(pb::HistoryGap {
+        // A cursor turns the ring's reset into `Delivery::Reset`, with the reader's place.
+        Delivery::Event(RoomEvent::Reset(epoch)) => Event::Gap(pb::HistoryGap {
             room: room.to_owned(),
-            from_seq: from,
-            to_seq: to,
+            reset: true,
+            epoch,
+            ..Default::default()
         }),
+        Delivery::Gap { .. } | Delivery::Reset { .. } => Event::Gap(
+            delivery
+                .history_gap(room)
+                .unwrap_or_else(|| unreachable!("a gap or reset")),
+        ),
         Delivery::Removed(removal) => Event::Left(pb::Left {
             room: room.to_owned(),
             reason: removal.reason as i32,

@@ -72,6 +72,24 @@ pub fn topic(field: &str, topic: &str) -> Result<(), Violation> {
     Ok(())
 }
 
+/// Longest epoch a client may name; the server's are 16 hex digits.
+pub const MAX_EPOCH: usize = 64;
+
+/// An epoch a client names to resume from (empty: none): at most [`MAX_EPOCH`] bytes. One
+/// that is not the room's is no error: it asks for a reset.
+pub fn epoch(field: &str, epoch: &str) -> Result<(), Violation> {
+    if epoch.len() > MAX_EPOCH {
+        return Err(Violation::new(
+            field,
+            format!(
+                "an epoch is at most {MAX_EPOCH} bytes; this one is {}",
+                epoch.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// An idempotency key: 1 to 128 bytes.
 pub fn client_msg_id(field: &str, id: &str) -> Result<(), Violation> {
     if id.is_empty() {
@@ -152,7 +170,9 @@ pub fn outgoing(
 /// business, not this.
 pub fn command(command: &Command, max_text_bytes: usize) -> Result<(), Violation> {
     match command {
-        Command::Join(join) => room_name("room", &join.room).map_err(|v| v.within("join")),
+        Command::Join(join) => room_name("room", &join.room)
+            .and_then(|()| epoch("epoch", &join.epoch))
+            .map_err(|v| v.within("join")),
         Command::Leave(leave) => room_name("room", &leave.room).map_err(|v| v.within("leave")),
         Command::Send(message) => {
             check_outgoing(message, max_text_bytes).map_err(|v| v.within("send"))

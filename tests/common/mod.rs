@@ -394,6 +394,7 @@ pub async fn subscribe(
             rooms: vec![RoomPosition {
                 room: room.into(),
                 after_seq,
+                ..Default::default()
             }],
         })
         .await

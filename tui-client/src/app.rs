@@ -728,10 +728,17 @@ impl App {
             ServerEvent::Gap(gap) => {
                 let cap = self.scrollback;
                 if let Some(room) = self.room_mut(&gap.room) {
-                    let entry = Entry::Info(format!(
-                        "messages {}–{} are no longer stored",
-                        gap.from_seq, gap.to_seq
-                    ));
+                    let entry = if gap.reset {
+                        scrollback::reset(room);
+                        Entry::Info(
+                            "the server lost this room's history; it starts again here".into(),
+                        )
+                    } else {
+                        Entry::Info(format!(
+                            "messages {}–{} are no longer stored",
+                            gap.from_seq, gap.to_seq
+                        ))
+                    };
                     push_quiet(room, entry, true, cap);
                 }
             }
@@ -980,6 +987,7 @@ pub(crate) mod tests {
             }),
             members: members.iter().map(|m| m.to_string()).collect(),
             replay_from_seq: 1,
+            epoch: "e1".into(),
         }))
     }
 

@@ -64,6 +64,17 @@ fn newest_seq(room: &RoomView) -> Option<u64> {
     room.entries.iter().rev().find_map(Entry::seq)
 }
 
+/// Forgets everything held of the room: its log started again on the server (a reset), so
+/// the seqs held name nothing any more, and the new log's messages take them.
+pub fn reset(room: &mut RoomView) {
+    room.entries.clear();
+    room.older = Older::None;
+    room.detached = None;
+    room.marker = None;
+    room.scroll = 0;
+    room.new_below = 0;
+}
+
 /// Adds a live entry (counted unread by the caller); `visible`: the room is shown.
 pub fn push_live(room: &mut RoomView, entry: Entry, visible: bool, cap: usize) {
     if let Some(detached) = &mut room.detached {

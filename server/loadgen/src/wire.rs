@@ -84,6 +84,7 @@ pub fn join(request_id: u64, room: &str) -> Bytes {
         Command::Join(pb::JoinRoom {
             room: room.to_owned(),
             after_seq: head,
+            ..Default::default()
         }),
     )
 }

@@ -97,6 +97,11 @@ pub enum FeedEvent {
         /// Invited, banned, or neither.
         access: Option<Access>,
     },
+    /// The room's log was lost and started again under `epoch` (seqs from 1).
+    Reset {
+        /// The new epoch.
+        epoch: String,
+    },
     /// The owner put a user out: their streams on every node leave the room.
     Removed {
         /// The user's [`crate::nickname::key`].
@@ -140,6 +145,12 @@ pub struct Attached {
 
 /// Told when a presence change is applied (and then seen by [`Engine::members`]).
 pub type Applied = tokio::sync::oneshot::Sender<()>;
+
+/// A new epoch: random, so that a room made again after a loss never repeats an old one.
+pub(crate) fn new_epoch() -> String {
+    use rand::Rng as _;
+    format!("{:016x}", rand::rng().random::<u64>())
+}
 
 /// Decides whether a new message may be sent (the sender's rate); called only for a send
 /// that is not a retry of one already stored, where the engine can tell.

@@ -428,6 +428,7 @@ mod tests {
                 head_seq: 0,
                 private: false,
                 access: Default::default(),
+                epoch: "e1".into(),
             },
             done,
         );
@@ -523,7 +524,7 @@ mod tests {
     async fn a_lagging_cursor_reads_what_it_missed_from_the_store() {
         let hub = hub(4);
         let room = hub.open_room("r", "alice").await.unwrap();
-        let mut cursor = room.tail(Some(0)).await.unwrap();
+        let mut cursor = room.tail(Some(0), "").await.unwrap();
         for i in 0..50 {
             say(&hub, "r", &i.to_string()).await;
         }
@@ -539,7 +540,7 @@ mod tests {
         for i in 0..10 {
             say(&hub, "r", &i.to_string()).await;
         }
-        let (joined, mut cursor, _presence) = room.join("bob", None, 3).await.unwrap();
+        let (joined, mut cursor, _presence) = room.join("bob", None, "", 3).await.unwrap();
         assert_eq!(joined.replay_from_seq, 8);
         assert_eq!(joined.members, vec!["bob".to_string()]);
         say(&hub, "r", "live").await;
@@ -552,9 +553,9 @@ mod tests {
     async fn dropping_the_last_presence_leaves_the_room() {
         let hub = hub(16);
         let room = hub.open_room("r", "alice").await.unwrap();
-        let mut watcher = room.tail(None).await.unwrap();
-        let (_, _, first) = room.join("bob", None, 0).await.unwrap();
-        let (_, _, second) = room.join("bob", None, 0).await.unwrap();
+        let mut watcher = room.tail(None, "").await.unwrap();
+        let (_, _, first) = room.join("bob", None, "", 0).await.unwrap();
+        let (_, _, second) = room.join("bob", None, "", 0).await.unwrap();
         drop(first);
         assert_eq!(room.info().member_count, 1);
         drop(second);

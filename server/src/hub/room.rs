@@ -49,6 +49,8 @@ pub enum RoomEvent {
     Typing(Arc<pb::TypingEvent>),
     /// The room's description changed.
     Updated(Arc<pb::RoomUpdated>),
+    /// The room's log was lost and started again under this epoch (seqs from 1).
+    Reset(String),
 }
 
 /// A chat room on this node.
@@ -273,14 +275,29 @@ impl Room {
         );
     }
 
-    /// Where a reader resuming after `after_seq` starts: there, unless it saw more than
-    /// the room has (the engine lost what it saw), and then at the room's head. When this
-    /// node's ring is behind the seq, the engine's head decides.
-    async fn resume_point(&self, after_seq: u64) -> Result<u64, ChatError> {
-        if after_seq <= self.head_seq() {
-            return Ok(after_seq);
+    /// Where a reader resuming after `after_seq` of `epoch` starts: there, unless it saw
+    /// more than the room has (and then at the room's head; when this node's ring is behind
+    /// the seq, the engine's head decides), or its epoch is not the room's (and then at the
+    /// new log's start, after a reset).
+    async fn resume_point(&self, after_seq: u64, epoch: &str) -> Result<Resume, ChatError> {
+        let current = self.epoch();
+        if !epoch.is_empty() && epoch != current {
+            return Ok(Resume {
+                after: 0,
+                reset: Some((current, after_seq)),
+            });
         }
-        Ok(after_seq.min(self.engine.head_seq(&self.name).await?))
+        let after = if after_seq <= self.head_seq() {
+            after_seq
+        } else {
+            after_seq.min(self.engine.head_seq(&self.name).await?)
+        };
+        Ok(Resume { after, reset: None })
+    }
+
+    /// The room's epoch.
+    pub fn epoch(&self) -> String {
+        self.state().record.epoch.clone()
     }
 
     /// Enters `user` into the room on one stream and opens a cursor for it.
@@ -295,10 +312,11 @@ impl Room {
         self: &Arc<Self>,
         user: &str,
         after_seq: Option<u64>,
+        epoch: &str,
         history: u64,
     ) -> Result<(pb::Joined, Cursor, Presence), ChatError> {
         let resume = match after_seq {
-            Some(seq) => Some(self.resume_point(seq).await?),
+            Some(seq) => Some(self.resume_point(seq, epoch).await?),
             None => None,
         };
         let (joined, cursor, presence, entered) = {
@@ -311,7 +329,9 @@ impl Room {
                 .subscribe();
             let live = self.events.subscribe();
             let head = self.head_seq();
-            let start_after = resume.unwrap_or_else(|| head.saturating_sub(history));
+            let start_after = resume
+                .as_ref()
+                .map_or_else(|| head.saturating_sub(history), |r| r.after);
             let streams = state.streams.entry(user.to_owned()).or_insert(0);
             *streams += 1;
             let mut entered = None;
@@ -332,8 +352,13 @@ impl Room {
                 room: Some(info(&state.record, members.len(), head)),
                 members: members.into_iter().collect(),
                 replay_from_seq: start_after + 1,
+                epoch: state.record.epoch.clone(),
             };
-            let cursor = Cursor::new(self.clone(), live, start_after, head, Some(user.to_owned()));
+            let mut cursor =
+                Cursor::new(self.clone(), live, start_after, head, Some(user.to_owned()));
+            if let Some((epoch, through)) = resume.and_then(|r| r.reset) {
+                cursor = cursor.after_reset(epoch, through);
+            }
             // Made before anything is awaited: however the join ends, the user leaves.
             let presence = Presence::new(self.clone(), user.to_owned(), removed);
             (joined, cursor, presence, entered)
@@ -346,21 +371,25 @@ impl Room {
         Ok((joined, cursor, presence))
     }
 
-    /// Opens a read-only cursor (no presence): after `after_seq`, or live from the head.
-    pub async fn tail(self: &Arc<Self>, after_seq: Option<u64>) -> Result<Cursor, ChatError> {
+    /// Opens a read-only cursor (no presence): after `after_seq` (of `epoch`, if named),
+    /// or live from the head.
+    pub async fn tail(
+        self: &Arc<Self>,
+        after_seq: Option<u64>,
+        epoch: &str,
+    ) -> Result<Cursor, ChatError> {
         let resume = match after_seq {
-            Some(seq) => Some(self.resume_point(seq).await?),
+            Some(seq) => Some(self.resume_point(seq, epoch).await?),
             None => None,
         };
         let live = self.events.subscribe();
         let head = self.head_seq();
-        Ok(Cursor::new(
-            self.clone(),
-            live,
-            resume.unwrap_or(head),
-            head,
-            None,
-        ))
+        let after = resume.as_ref().map_or(head, |r| r.after);
+        let cursor = Cursor::new(self.clone(), live, after, head, None);
+        Ok(match resume.and_then(|r| r.reset) {
+            Some((epoch, through)) => cursor.after_reset(epoch, through),
+            None => cursor,
+        })
     }
 
     /// One of `user`'s streams left; the last one here makes the user leave this node.
@@ -472,6 +501,21 @@ impl Feed for Room {
                     None => state.record.access.remove(&user),
                 };
             }
+            FeedEvent::Reset { epoch } => {
+                let mut state = self.state();
+                if state.record.epoch == epoch {
+                    return;
+                }
+                tracing::warn!(
+                    room = self.name,
+                    epoch,
+                    "the room's log was lost: a new epoch"
+                );
+                state.record.epoch.clone_from(&epoch);
+                // Under the lock: a join reads the epoch and the head together.
+                self.committed.store(0, Ordering::SeqCst);
+                self.publish(RoomEvent::Reset(epoch));
+            }
             FeedEvent::Removed { user, removal } => {
                 let mut state = self.state();
                 if let Some(removals) = state.removals.get(&user) {
@@ -508,6 +552,13 @@ pub(super) fn page<'a>(
     (page, more)
 }
 
+/// Where a resume starts, and, when its epoch was not the room's, the reset to say first
+/// (the room's epoch, and the last seq the reader had of the old one).
+struct Resume {
+    after: u64,
+    reset: Option<(String, u64)>,
+}
+
 /// A new room's record.
 pub(super) fn new_record(name: &str, topic: &str, creator: &str, private: bool) -> RoomRecord {
     RoomRecord {
@@ -518,5 +569,6 @@ pub(super) fn new_record(name: &str, topic: &str, creator: &str, private: bool) 
         head_seq: 0,
         private,
         access: Default::default(),
+        epoch: crate::engine::new_epoch(),
     }
 }

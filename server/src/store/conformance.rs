@@ -24,6 +24,7 @@ fn room(name: &str) -> RoomRecord {
         private: false,
         access: Default::default(),
         head_seq: 0,
+        epoch: "e1".into(),
     }
 }
 

@@ -125,6 +125,9 @@ pub struct RoomRecord {
     /// The seq of its newest message ever, 0 if none: numbering continues from here after
     /// a restart, even when retention removed every message.
     pub head_seq: u64,
+    /// Its epoch: seqs count within it. Made when the room is, and made again only if its
+    /// log is lost (see `chat.v1.Joined.epoch`).
+    pub epoch: String,
 }
 
 /// A stored message's idempotency key, and when it was sent.

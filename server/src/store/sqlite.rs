@@ -80,6 +80,9 @@ const MIGRATIONS: &[&str] = &[
          access TEXT NOT NULL CHECK (access IN ('invited', 'banned')),
          PRIMARY KEY (room, user)
      ) STRICT, WITHOUT ROWID;",
+    // 3: each room's epoch (its seqs count within it), random; rooms made before get one.
+    "ALTER TABLE rooms ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
+     UPDATE rooms SET epoch = lower(hex(randomblob(8)));",
 ];
 
 enum Write {
@@ -305,8 +308,8 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
     let mut heads: HashMap<&str, u64> = HashMap::new();
     {
         let mut insert_room = tx.prepare_cached(
-            "INSERT INTO rooms (name, topic, created_at_us, created_by, head_seq, private)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO rooms (name, topic, created_at_us, created_by, head_seq, private, epoch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?;
         let mut insert_message = tx.prepare_cached(
             "INSERT INTO messages (room, seq, sender, text, kind, client_msg_id, sent_at_us)
@@ -322,6 +325,7 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
                         room.created_by,
                         seq_to_sql(room.head_seq),
                         room.private,
+                        room.epoch,
                     ])?;
                 }
                 Write::Message(message, _) => {
@@ -432,7 +436,8 @@ impl Store for SqliteStore {
         self.read(|db| {
             let mut rooms: Vec<RoomRecord> = db
                 .prepare(
-                    "SELECT name, topic, created_at_us, created_by, head_seq, private FROM rooms",
+                    "SELECT name, topic, created_at_us, created_by, head_seq, private, epoch
+                     FROM rooms",
                 )?
                 .query_map([], |row| {
                     Ok(RoomRecord {
@@ -443,6 +448,7 @@ impl Store for SqliteStore {
                         head_seq: seq_from_sql(row.get(4)?),
                         private: row.get(5)?,
                         access: BTreeMap::new(),
+                        epoch: row.get(6)?,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;
@@ -607,6 +613,7 @@ mod tests {
             head_seq: 0,
             private: false,
             access: Default::default(),
+            epoch: "e1".into(),
         }
     }
 

@@ -19,7 +19,7 @@ use std::{
 
 use dashmap::DashMap;
 use futures::StreamExt as _;
-use redis::{AsyncCommands as _, aio::ConnectionManager, aio::PubSubSink};
+use redis::aio::{ConnectionManager, PubSubSink};
 use tokio::sync::Mutex;
 
 use super::{keys, unavailable, wire};
@@ -198,12 +198,28 @@ impl Feeds {
             return Ok(());
         };
         let mut conn = self.conn.clone();
-        let head: Option<u64> = conn
-            .hget(keys::meta(&feed.room), "head")
+        let (head, epoch): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(keys::meta(&feed.room))
+            .arg("head")
+            .arg("epoch")
+            .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if state.target.is_none() {
+            return Ok(());
+        }
+        let mut last = last;
+        if let Some(epoch) = epoch
+            && epoch != state.epoch
+        {
+            // The room's data was lost (and made again by a send) while this node was not
+            // listening.
+            tracing::warn!(room = feed.room, "a room's log started again");
+            reset(&mut state, epoch);
+            last = 0;
+        }
         let head = head.unwrap_or(0);
-        if head > last && state.target.is_some() {
+        if head > last {
             self.fill(&feed.room, &mut state, head).await?;
         }
         Ok(())
@@ -234,13 +250,8 @@ impl Feeds {
         match frame {
             wire::Frame::Message { epoch, message } => {
                 if epoch != state.epoch {
-                    tracing::warn!(
-                        room,
-                        old = state.epoch,
-                        new = epoch,
-                        "the room's epoch changed"
-                    );
-                    state.epoch = epoch;
+                    tracing::warn!(room, "a room's log started again");
+                    reset(state, epoch);
                 }
                 let last = state.last.unwrap_or(0);
                 if message.seq <= last {
@@ -279,6 +290,14 @@ impl Feeds {
         }
         Ok(())
     }
+}
+
+/// The room's log started again under `epoch`: the hub's room hears of it, and the next
+/// message expected is the new log's first.
+fn reset(state: &mut FeedState, epoch: String) {
+    state.epoch.clone_from(&epoch);
+    state.last = Some(0);
+    give(state, FeedEvent::Reset { epoch });
 }
 
 fn give(state: &FeedState, event: FeedEvent) {

@@ -36,6 +36,7 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
     Applied, Attached, Charge, Engine, EngineError, Feed, FeedEvent, PresenceChange, Published,
+    new_epoch,
 };
 use crate::{
     error::ChatError,
@@ -118,11 +119,6 @@ pub(crate) fn unavailable(error: redis::RedisError) -> EngineError {
     } else {
         EngineError::Protocol(error.to_string())
     }
-}
-
-/// A new epoch: random, so that a room rebuilt after a loss never repeats an old one.
-fn new_epoch() -> String {
-    format!("{:016x}", rand::rng().random::<u64>())
 }
 
 /// Messages of `room` with seqs `from..=to`, at most `limit`, oldest first.
@@ -315,7 +311,7 @@ impl Engine for RedisEngine {
         self.timed("create_room", async {
             let mut conn = self.conn.clone();
             let mut call = self.scripts.create_room.key(keys::meta(&record.name));
-            call.arg(new_epoch());
+            call.arg(&record.epoch);
             for (_, value) in wire::meta_fields(&record) {
                 call.arg(value);
             }

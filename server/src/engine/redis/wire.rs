@@ -97,7 +97,7 @@ pub(super) fn event_frame(event: &FeedEvent) -> Option<Vec<u8>> {
             by: removal.by.clone(),
             message: removal.message.clone(),
         }),
-        FeedEvent::Message(_) | FeedEvent::Presence(_) => return None,
+        FeedEvent::Message(_) | FeedEvent::Presence(_) | FeedEvent::Reset { .. } => return None,
     };
     let mut frame = vec![b'e'];
     Event { kind: Some(kind) }.encode(&mut frame).ok()?;
@@ -238,6 +238,7 @@ pub(super) fn record_from(
             .filter_map(|(user, access)| Some((user.clone(), Access::parse(access)?)))
             .collect(),
         head_seq: meta.get("head").and_then(|h| h.parse().ok()).unwrap_or(0),
+        epoch: meta.get("epoch").cloned().unwrap_or_default(),
         name,
     })
 }
