@@ -7,106 +7,21 @@ mod process;
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use common::{
-    Engine, Events, Proxy, Storage, TestServer, flood_past_a_stalled_reader, subscribe, within,
+    Engine, Events, Proxy, Storage, TestServer,
+    conversation::{acked, connected, converse, history, until},
+    flood_past_a_stalled_reader, subscribe, within,
 };
 use confab::{
-    Backoff, Client, ConnectionState, Conversation, ConversationConfig, ConversationEvent,
+    Client, ConnectionState,
     pb::{self, chat_response::Event},
 };
 use confab_server::Config;
 use process::ServerProcess;
-use tokio::sync::mpsc;
 use tonic::Code;
-
-/// What one conversation has seen.
-#[derive(Default)]
-struct Seen {
-    /// Seqs of the messages delivered, in delivery order.
-    seqs: Vec<u64>,
-    /// client_msg_id → acked seq.
-    acks: HashMap<String, u64>,
-    /// Connection states, in order.
-    states: Vec<ConnectionState>,
-}
-
-/// Starts a conversation and a task that records what it delivers.
-fn converse(url: &str, nickname: &str) -> (Conversation, Arc<Mutex<Seen>>) {
-    let config = ConversationConfig {
-        backoff: Backoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-        },
-        ..ConversationConfig::new(url, nickname, &["r"])
-    };
-    let (conversation, events) = Conversation::start(config);
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    tokio::spawn(record(events, seen.clone()));
-    (conversation, seen)
-}
-
-async fn record(mut events: mpsc::Receiver<ConversationEvent>, seen: Arc<Mutex<Seen>>) {
-    while let Some(event) = events.recv().await {
-        let mut seen = seen.lock().unwrap();
-        match event {
-            ConversationEvent::Connection(state) => seen.states.push(state),
-            ConversationEvent::Server(response) => match response.event {
-                Some(Event::Message(m)) => seen.seqs.push(m.seq),
-                Some(Event::Ack(ack)) => {
-                    seen.acks.insert(ack.client_msg_id, ack.seq);
-                }
-                _ => {}
-            },
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
-/// Polls `check` until it holds (or the deadline fails the test).
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    within(what, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
-
-fn connected(seen: &Mutex<Seen>) -> bool {
-    matches!(
-        seen.lock().unwrap().states.last(),
-        Some(ConnectionState::Connected { .. })
-    )
-}
-
-/// Every message of `room` in the store, read forward page by page.
-async fn history(client: &Client, room: &str) -> Vec<pb::ChatMessage> {
-    let mut messages = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = client
-            .rpc()
-            .get_history(pb::GetHistoryRequest {
-                room: room.into(),
-                page_size: 1000,
-                page_token: token,
-                direction: pb::HistoryDirection::Forward as i32,
-                start_seq: None,
-            })
-            .await
-            .expect("history")
-            .into_inner();
-        messages.extend(page.messages);
-        token = page.next_page_token;
-        if token.is_empty() {
-            return messages;
-        }
-    }
-}
 
 /// Kill -9 mid-stream and restart on the same data dir: every acked message is there
 /// exactly once with its seq, no seq is reused, and the messages the client library sent
@@ -122,7 +37,7 @@ async fn acked_messages_survive_kill_9_and_retries_land_once(engine: Engine) {
         .map(|u| converse(&server.url, &format!("user{u}")))
         .collect();
     for (_, seen) in &users {
-        eventually("every user to connect", || connected(seen)).await;
+        until("every user to connect", || connected(seen)).await;
     }
     // id → text, for every message sent.
     let mut sent: HashMap<String, String> = HashMap::new();
@@ -132,14 +47,8 @@ async fn acked_messages_survive_kill_9_and_retries_land_once(engine: Engine) {
             sent.insert(conversation.say("r", &text).await.unwrap(), text);
         }
     }
-    let acked_count = |users: &[(Conversation, Arc<Mutex<Seen>>)]| {
-        users
-            .iter()
-            .map(|(_, s)| s.lock().unwrap().acks.len())
-            .sum::<usize>()
-    };
-    eventually("some acks before the crash", || {
-        acked_count(&users) >= USERS * PER_USER / 4
+    until("some acks before the crash", || {
+        acked(&users) >= USERS * PER_USER / 4
     })
     .await;
 
@@ -158,8 +67,8 @@ async fn acked_messages_survive_kill_9_and_retries_land_once(engine: Engine) {
     assert!(!acked_before_crash.is_empty());
 
     let _restarted = ServerProcess::start_on(&storage, &addr);
-    eventually("every message to be acked after the restart", || {
-        acked_count(&users) == USERS * PER_USER
+    until("every message to be acked after the restart", || {
+        acked(&users) == USERS * PER_USER
     })
     .await;
 
@@ -202,7 +111,7 @@ async fn acked_messages_survive_kill_9_and_retries_land_once(engine: Engine) {
     }
     // And every reader got every message, across the crash, once each, in order.
     for (_, seen) in &users {
-        eventually("every reader to get every message", || {
+        until("every reader to get every message", || {
             seen.lock().unwrap().seqs.len() >= USERS * PER_USER
         })
         .await;
@@ -223,19 +132,19 @@ async fn a_dropped_client_resumes_without_loss_or_duplicates(engine: Engine) {
     let (alice, alice_seen) = converse(&server.url(), "alice");
     let (carol, carol_seen) = converse(&server.url(), "carol");
     for seen in [&bob_seen, &alice_seen, &carol_seen] {
-        eventually("everyone to connect", || connected(seen)).await;
+        until("everyone to connect", || connected(seen)).await;
     }
 
     for n in 0..300 {
         alice.say("r", &format!("alice {n}")).await.unwrap();
         carol.say("r", &format!("carol {n}")).await.unwrap();
     }
-    eventually("bob to read some", || {
+    until("bob to read some", || {
         bob_seen.lock().unwrap().seqs.len() >= 200
     })
     .await;
     proxy.cut();
-    eventually("bob to notice", || {
+    until("bob to notice", || {
         bob_seen
             .lock()
             .unwrap()
@@ -249,7 +158,7 @@ async fn a_dropped_client_resumes_without_loss_or_duplicates(engine: Engine) {
         alice.say("r", &format!("alice {n}")).await.unwrap();
         carol.say("r", &format!("carol {n}")).await.unwrap();
     }
-    eventually("bob to get all 1,000", || {
+    until("bob to get all 1,000", || {
         bob_seen.lock().unwrap().seqs.len() >= 1000
     })
     .await;

@@ -40,6 +40,13 @@ impl ServerProcess {
         Self::with_args(&storage.args(), listen)
     }
 
+    /// Starts the binary as cluster node `node` on `storage` (a Redis), on any free port.
+    pub fn start_node(storage: &Storage, node: &str) -> Self {
+        let mut args = storage.args();
+        args.extend(["--node-id".to_owned(), node.to_owned()]);
+        Self::with_args(&args, "127.0.0.1:0")
+    }
+
     fn with_args(storage: &[String], listen: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_confab-server"))
             .args(["--listen", listen])
