@@ -52,12 +52,14 @@ struct Cli {
 #[derive(Debug, Clone, Args)]
 struct Common {
     /// Load a running server (`http://host:port`, started with the limits off) instead of
-    /// starting one.
+    /// starting one. Repeat it for the nodes of a cluster: subscribers' connections are
+    /// spread over them in turn; publishers (and pingpong, idle) use the first.
     #[arg(long, global = true)]
-    server: Option<String>,
-    /// With --server: its process id, for the RSS and CPU figures.
+    server: Vec<String>,
+    /// With --server: a server's process id, for the RSS and CPU figures (repeat it for
+    /// each node; the figures are their sums).
     #[arg(long, global = true, requires = "server")]
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
     /// The confab-server binary to start [default: the one beside this binary].
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
@@ -193,18 +195,29 @@ impl Report {
     }
 }
 
-/// The server under load, and how to read its usage.
+/// The server (or the nodes of a cluster) under load, and how to read its usage.
 struct Target {
-    url: String,
-    pid: Option<u32>,
+    /// Where it listens; the first is the one publishers use.
+    urls: Vec<String>,
+    pids: Vec<u32>,
     _spawned: Option<Spawned>,
 }
 
 impl Target {
+    /// The first server's address.
+    fn url(&self) -> &str {
+        &self.urls[0]
+    }
+
+    /// The servers' usage, summed.
     fn usage(&self) -> Usage {
-        self.pid
-            .and_then(|pid| process::usage(pid).ok())
-            .unwrap_or_default()
+        self.pids
+            .iter()
+            .filter_map(|pid| process::usage(*pid).ok())
+            .fold(Usage::default(), |sum, usage| Usage {
+                rss_bytes: sum.rss_bytes + usage.rss_bytes,
+                cpu_s: sum.cpu_s + usage.cpu_s,
+            })
     }
 }
 
@@ -215,7 +228,7 @@ fn own_usage() -> Usage {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let spawn = cli.common.server.is_none();
+    let spawn = cli.common.server.is_empty();
     if spawn && !cli.common.no_pin {
         // Before the runtime starts its threads, so that they inherit the pinning.
         process::pin_self();
@@ -226,21 +239,21 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let json = cli.common.json;
     let report = runtime.block_on(async move {
-        let target = match &cli.common.server {
-            Some(url) => Target {
-                url: url.clone(),
-                pid: cli.common.server_pid,
+        let target = match cli.common.server.as_slice() {
+            [_, ..] => Target {
+                urls: cli.common.server.clone(),
+                pids: cli.common.server_pid.clone(),
                 _spawned: None,
             },
-            None => {
+            [] => {
                 let binary = match &cli.common.server_bin {
                     Some(binary) => binary.clone(),
                     None => process::sibling_server()?,
                 };
                 let spawned = Spawned::start(binary, !cli.common.no_pin).await?;
                 Target {
-                    url: spawned.url.clone(),
-                    pid: Some(spawned.pid()),
+                    urls: vec![spawned.url.clone()],
+                    pids: vec![spawned.pid()],
                     _spawned: Some(spawned),
                 }
             }
@@ -359,10 +372,11 @@ async fn load(
     stalled: bool,
 ) -> anyhow::Result<Report> {
     let subscribers = plan.rooms.len() * plan.per_room;
-    // Nicknames unique to this run: a server keeps a nickname for a while after its user.
-    let tag = &plan.rooms[0];
+    // Nicknames unique to this run (and this process: a server, or a cluster, keeps a
+    // nickname for a while after its user, so a second run right after must not reuse them).
+    let tag = &format!("{}-{:x}", plan.rooms[0], std::process::id());
     let connections: Vec<Connection> =
-        open_connections(&target.url, &format!("{tag}-sub"), plan.connections.max(1)).await?;
+        open_connections(&target.urls, &format!("{tag}-sub"), plan.connections.max(1)).await?;
     let lasts: Vec<Last> = plan
         .rooms
         .iter()
@@ -398,7 +412,7 @@ async fn load(
 
     // One subscriber that joins and never reads, on a connection of its own.
     let _stalled = if stalled {
-        let connection = Connection::open(&target.url, &format!("{tag}-stalled")).await?;
+        let connection = Connection::open(target.url(), &format!("{tag}-stalled")).await?;
         let room = plan.rooms[0].clone();
         let responses = connection
             .chat(stream::once(async move { wire::join(1, &room) }).chain(stream::pending()))
@@ -416,7 +430,7 @@ async fn load(
             .step_by(publishers)
             .map(|i| (plan.rooms[i].clone(), lasts[i].clone()))
             .collect();
-        let connection = Connection::open(&target.url, &format!("{tag}-pub{p}")).await?;
+        let connection = Connection::open(target.url(), &format!("{tag}-pub{p}")).await?;
         outlets.push(Publisher::start(connection, rooms).await?);
     }
 
@@ -496,14 +510,17 @@ fn micros(duration: Duration) -> u64 {
 }
 
 /// `count` connections, each logged in as `<prefix><n>`.
+/// `count` connections, the n-th to `urls[n % urls.len()]`, in that order.
 async fn open_connections(
-    url: &str,
+    urls: &[String],
     prefix: &str,
     count: usize,
 ) -> anyhow::Result<Vec<Connection>> {
     stream::iter(0..count)
-        .map(|n| async move { Connection::open(url, &format!("{prefix}{n}")).await })
-        .buffer_unordered(SETUP_CONCURRENCY)
+        .map(|n| async move {
+            Connection::open(&urls[n % urls.len()], &format!("{prefix}{n}")).await
+        })
+        .buffered(SETUP_CONCURRENCY)
         .try_collect()
         .await
 }
@@ -688,7 +705,7 @@ impl Publisher {
 
 /// One message in flight at a time: its round trip is the latency.
 async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyhow::Result<Report> {
-    let connection = Connection::open(&target.url, "pinger").await?;
+    let connection = Connection::open(target.url(), &format!("pinger-{:x}", std::process::id())).await?;
     let (frames, outgoing) = mpsc::channel::<Bytes>(16);
     let mut responses = connection.chat(ReceiverStream::new(outgoing)).await?;
     frames.send(wire::join(1, "pingpong")).await?;
@@ -748,9 +765,9 @@ async fn idle(connections: usize, with_stream: bool, target: &Target) -> anyhow:
     let before = target.usage();
     let open = stream::iter(0..connections)
         .map(|n| {
-            let url = target.url.clone();
+            let url = target.url().to_owned();
             async move {
-                let connection = Connection::open(&url, &format!("idle{n}")).await?;
+                let connection = Connection::open(&url, &format!("idle{n}-{:x}", std::process::id())).await?;
                 if !with_stream {
                     return anyhow::Ok((connection, None));
                 }
