@@ -27,9 +27,11 @@ FOREIGN = {"tokio", "std", "tonic", "prost", "hyper", "h2", "futures", "dashmap"
            "rusqlite", "governor", "tracing", "ratatui", "crossterm", "jsonwebtoken",
            "tonic_health", "tonic_types", "tonic_reflection", "tonic_web", "unicode_security",
            "precis_profiles", "broadcast", "mpsc", "oneshot", "watch", "google", "grpc",
+           "redis",
            # Types of those crates the map mentions by name.
            "DashMap", "Deref", "Drop", "Lagged", "SelectAll", "StreamMap", "Sender", "Arc",
-           "Mutex", "Instant", "Status", "Interceptor", "Widget", "TestBackend", "EventStream"}
+           "Mutex", "Instant", "Status", "Interceptor", "Widget", "TestBackend", "EventStream",
+           "ConnectionManager", "Script"}
 
 
 def rust_sources():

@@ -4,8 +4,10 @@
 //!
 //! ```text
 //! accept ─► auth (interceptor) ─► rpc ─► session task per Chat stream
-//!                                              │ commands ─► hub ─► room { seq, ring }
-//!                                              │                       │ append ─► store
+//!                                              │ commands ─► hub ─► room { ring }
+//!                                              │                   │ append   ▲ feed
+//!                                              │                   ▼          │
+//!                                              │               engine: local (store) | redis
 //!                                              ◄─ outbound ◄─ cursor per joined room
 //! ```
 //!
@@ -19,11 +21,13 @@
 //! * [`rpc`]: the `chat.v1.ChatService` handlers.
 //! * [`session`]: the task behind one `Chat` stream; the one place a client frame is
 //!   applied.
-//! * [`hub`]: rooms, seqs, members, the fan-out ring.
+//! * [`hub`]: this node's rooms: the fan-out ring, fed by the engine; access, presence.
+//! * [`engine`]: what the nodes of a cluster share (seqs, the log, idempotency, room
+//!   state, nicknames, presence, the feed): local (SQLite or memory) or Redis.
 //! * [`cursor`]: one reader in one room: replay, live, catch-up; no gaps, no duplicates.
 //! * [`cursor_set`]: the cursors of every room a stream reads, polled by readiness.
 //! * [`outbound`]: the sending half of a server stream, and how a stream ends.
-//! * [`store`]: the storage engine behind the hub (SQLite, or memory).
+//! * [`store`]: the local engine's storage (SQLite, or memory).
 //! * [`connection`]: accepted connections: counted per address, small writes coalesced.
 //! * [`limits`]: flood control (send rate, room creation, connections, streams, rooms).
 //! * [`metrics`]: the Prometheus figures and their endpoint.

@@ -248,11 +248,14 @@ impl Ready {
             self.config.limits.max_connections_per_ip,
             self.metrics.clone(),
         );
+        // Every call's span names the node, so that a cluster's merged logs tell them apart.
+        let node: Arc<str> = self.engine.node_id().into();
         let serve = builder
-            .trace_fn(|request| {
+            .trace_fn(move |request| {
                 tracing::info_span!(
                     "call",
                     method = %request.uri().path(),
+                    node = %node,
                     user = tracing::field::Empty,
                     room = tracing::field::Empty,
                 )

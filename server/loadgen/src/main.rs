@@ -705,7 +705,8 @@ impl Publisher {
 
 /// One message in flight at a time: its round trip is the latency.
 async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyhow::Result<Report> {
-    let connection = Connection::open(target.url(), &format!("pinger-{:x}", std::process::id())).await?;
+    let connection =
+        Connection::open(target.url(), &format!("pinger-{:x}", std::process::id())).await?;
     let (frames, outgoing) = mpsc::channel::<Bytes>(16);
     let mut responses = connection.chat(ReceiverStream::new(outgoing)).await?;
     frames.send(wire::join(1, "pingpong")).await?;
@@ -767,7 +768,8 @@ async fn idle(connections: usize, with_stream: bool, target: &Target) -> anyhow:
         .map(|n| {
             let url = target.url().to_owned();
             async move {
-                let connection = Connection::open(&url, &format!("idle{n}-{:x}", std::process::id())).await?;
+                let connection =
+                    Connection::open(&url, &format!("idle{n}-{:x}", std::process::id())).await?;
                 if !with_stream {
                     return anyhow::Ok((connection, None));
                 }
