@@ -60,6 +60,10 @@ struct Common {
     /// each node; the figures are their sums).
     #[arg(long, global = true, requires = "server")]
     server_pid: Vec<u32>,
+    /// With --server: where the publishers connect (repeat it to spread them in turn over
+    /// several nodes) [default: the first --server].
+    #[arg(long, global = true, requires = "server")]
+    publish_server: Vec<String>,
     /// The confab-server binary to start [default: the one beside this binary].
     #[arg(long, global = true)]
     server_bin: Option<PathBuf>,
@@ -197,16 +201,23 @@ impl Report {
 
 /// The server (or the nodes of a cluster) under load, and how to read its usage.
 struct Target {
-    /// Where it listens; the first is the one publishers use.
+    /// Where it listens; subscribers connect to each in turn.
     urls: Vec<String>,
+    /// Where publishers connect, in turn.
+    publish_urls: Vec<String>,
     pids: Vec<u32>,
     _spawned: Option<Spawned>,
 }
 
 impl Target {
-    /// The first server's address.
+    /// The first server's address (pingpong, idle, the stalled reader).
     fn url(&self) -> &str {
         &self.urls[0]
+    }
+
+    /// Where publisher `p` connects.
+    fn publish_url(&self, p: usize) -> &str {
+        &self.publish_urls[p % self.publish_urls.len()]
     }
 
     /// The servers' usage, summed.
@@ -240,8 +251,13 @@ fn main() -> anyhow::Result<()> {
     let json = cli.common.json;
     let report = runtime.block_on(async move {
         let target = match cli.common.server.as_slice() {
-            [_, ..] => Target {
+            [first, ..] => Target {
                 urls: cli.common.server.clone(),
+                publish_urls: if cli.common.publish_server.is_empty() {
+                    vec![first.clone()]
+                } else {
+                    cli.common.publish_server.clone()
+                },
                 pids: cli.common.server_pid.clone(),
                 _spawned: None,
             },
@@ -253,6 +269,7 @@ fn main() -> anyhow::Result<()> {
                 let spawned = Spawned::start(binary, !cli.common.no_pin).await?;
                 Target {
                     urls: vec![spawned.url.clone()],
+                    publish_urls: vec![spawned.url.clone()],
                     pids: vec![spawned.pid()],
                     _spawned: Some(spawned),
                 }
@@ -430,7 +447,7 @@ async fn load(
             .step_by(publishers)
             .map(|i| (plan.rooms[i].clone(), lasts[i].clone()))
             .collect();
-        let connection = Connection::open(target.url(), &format!("{tag}-pub{p}")).await?;
+        let connection = Connection::open(target.publish_url(p), &format!("{tag}-pub{p}")).await?;
         outlets.push(Publisher::start(connection, rooms).await?);
     }
 

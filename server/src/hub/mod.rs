@@ -113,8 +113,13 @@ impl Hub {
         match cell.get_or_try_init(|| self.load(field, name)).await {
             Ok(room) => Ok(room.clone()),
             Err(error) => {
-                // A name that is not a room takes no memory.
-                self.rooms.remove_if(name, |_, cell| !cell.initialized());
+                // A name that is not a room takes no memory. The cell goes only while no
+                // one else holds it (the map's shard lock keeps anyone from taking it
+                // meanwhile): a caller waiting on it tries the load next, on this same
+                // cell, so a room is never loaded twice.
+                self.rooms.remove_if(name, |_, held| {
+                    Arc::ptr_eq(held, &cell) && !held.initialized() && Arc::strong_count(held) <= 2
+                });
                 Err(error)
             }
         }

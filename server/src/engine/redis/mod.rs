@@ -328,6 +328,17 @@ impl Engine for RedisEngine {
     }
 
     async fn attach(&self, room: &str) -> Result<Option<Attached>, EngineError> {
+        // A name that is no room is not followed, even for a moment: following and letting
+        // go again could undo a follow made meanwhile for the room being created.
+        let exists: bool = self
+            .timed("attach", async {
+                let mut conn = self.conn.clone();
+                conn.exists(keys::meta(room)).await.map_err(unavailable)
+            })
+            .await?;
+        if !exists {
+            return Ok(None);
+        }
         // Subscribed before the head is read: every message is at or below it, or to come.
         self.timed("attach", self.feeds.follow(room)).await?;
         let read = self
