@@ -65,7 +65,7 @@ run "fanout 1000 x 500/s, one node" fanout --subscribers 1000 --rate 500 "${a[@]
 run "fanout 1000 x 500/s, subscribers on the other node" fanout --subscribers 1000 --rate 500 "${only_b[@]}"
 run "fanout 1000 x 500/s, subscribers on both nodes" fanout --subscribers 1000 --rate 500 "${both[@]}"
 # Append rate: 100 rooms, one subscriber each, 10 publishers, through one node and two.
-for rate in 20 50; do
+for rate in 50 100 200; do
   run "append $((rate * 100))/s through one node" rooms --rooms 100 --per-room 1 --rate "$rate" --connections 10 "${a[@]}"
   run "append $((rate * 100))/s through two nodes" rooms --rooms 100 --per-room 1 --rate "$rate" --connections 10 "${both[@]}" "${spread[@]}"
 done
