@@ -28,7 +28,7 @@ use confab::{ChatMessage, ChatMessageRecord};
 use dashmap::DashMap;
 use rand::Rng as _;
 use redis::{
-    AsyncCommands as _, Script,
+    AsyncCommands as _, Script, ScriptInvocation,
     aio::{ConnectionManager, ConnectionManagerConfig},
     streams::StreamRangeReply,
 };
@@ -72,7 +72,7 @@ pub struct RedisEngine {
     /// Each followed room's record as first read, to rebuild its meta should Redis lose it.
     records: DashMap<String, RoomRecord>,
     /// This node's presence changes, applied in order by one task.
-    presence: mpsc::UnboundedSender<nodes::Change>,
+    presence: mpsc::UnboundedSender<nodes::Work>,
     scripts: Arc<Scripts>,
     dedupe_window: Duration,
     retention: Retention,
@@ -189,7 +189,7 @@ impl RedisEngine {
         let tasks = vec![
             tokio::spawn(feeds.clone().run()),
             tokio::spawn(nodes.clone().apply_presence(changes)),
-            tokio::spawn(nodes.heartbeat()),
+            tokio::spawn(nodes.heartbeat(presence.clone())),
         ];
         tracing::info!(node = config.node_id, url = config.url, "engine: Redis");
         Ok(Self {
@@ -233,6 +233,19 @@ impl RedisEngine {
             .unwrap_or_else(|_| Err(EngineError::Unavailable(format!("{name}: no answer"))));
         self.metrics.engine_call(name, started.elapsed());
         result
+    }
+
+    /// Runs a script call, timed as `name`.
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        name: &'static str,
+        call: &ScriptInvocation<'_>,
+    ) -> Result<T, EngineError> {
+        self.timed(name, async {
+            let mut conn = self.conn.clone();
+            call.invoke_async(&mut conn).await.map_err(unavailable)
+        })
+        .await
     }
 
     /// The room's record, if it exists.
@@ -308,23 +321,24 @@ impl Engine for RedisEngine {
     }
 
     async fn create_room(&self, record: RoomRecord) -> Result<bool, EngineError> {
+        let mut call = self.scripts.create_room.key(keys::meta(&record.name));
+        call.arg(&record.epoch);
+        for (_, value) in wire::meta_fields(&record) {
+            call.arg(value);
+        }
+        let created: i64 = self.script("create_room", &call).await?;
+        // Indexed after: a node that dies in between leaves a room that is found by name
+        // and indexed again when a node next loads it.
         self.timed("create_room", async {
             let mut conn = self.conn.clone();
-            let mut call = self.scripts.create_room.key(keys::meta(&record.name));
-            call.arg(&record.epoch);
-            for (_, value) in wire::meta_fields(&record) {
-                call.arg(value);
-            }
-            let created: i64 = call.invoke_async(&mut conn).await.map_err(unavailable)?;
-            // Indexed after: a node that dies in between leaves a room that is found by
-            // name and indexed again when a node next loads it.
             let _: i64 = conn
                 .zadd(keys::ROOMS, &record.name, 0)
                 .await
                 .map_err(unavailable)?;
-            Ok(created == 1)
+            Ok(())
         })
-        .await
+        .await?;
+        Ok(created == 1)
     }
 
     async fn attach(&self, room: &str) -> Result<Option<Attached>, EngineError> {
@@ -409,24 +423,19 @@ impl Engine for RedisEngine {
             .get(room)
             .map(|r| r.clone())
             .ok_or_else(|| EngineError::Protocol(format!("room {room} is not attached")))?;
-        let (seq, duplicate, _epoch): (u64, u8, String) = self
-            .timed("append", async {
-                let mut conn = self.conn.clone();
-                let mut call = self.scripts.append.key(keys::meta(room));
-                call.key(keys::log(room))
-                    .key(keys::sent(room, sender, &message.client_msg_id))
-                    .arg(body)
-                    .arg(to_micros(sent_at))
-                    .arg(u64::try_from(self.dedupe_window.as_millis()).unwrap_or(u64::MAX))
-                    .arg(self.retention.max_messages.unwrap_or(0))
-                    .arg(keys::channel(room))
-                    .arg(new_epoch());
-                for (_, value) in wire::meta_fields(&record) {
-                    call.arg(value);
-                }
-                call.invoke_async(&mut conn).await.map_err(unavailable)
-            })
-            .await?;
+        let mut call = self.scripts.append.key(keys::meta(room));
+        call.key(keys::log(room))
+            .key(keys::sent(room, sender, &message.client_msg_id))
+            .arg(body)
+            .arg(to_micros(sent_at))
+            .arg(u64::try_from(self.dedupe_window.as_millis()).unwrap_or(u64::MAX))
+            .arg(self.retention.max_messages.unwrap_or(0))
+            .arg(keys::channel(room))
+            .arg(new_epoch());
+        for (_, value) in wire::meta_fields(&record) {
+            call.arg(value);
+        }
+        let (seq, duplicate, _epoch): (u64, u8, String) = self.script("append", &call).await?;
         if duplicate == 0 {
             self.metrics
                 .committed(sent_at.elapsed().unwrap_or_default());
@@ -443,21 +452,10 @@ impl Engine for RedisEngine {
             topic: topic.to_owned(),
             by: by.to_owned(),
         });
-        self.timed("set_topic", async {
-            let mut conn = self.conn.clone();
-            let _: i64 = self
-                .scripts
-                .set_topic
-                .key(keys::meta(room))
-                .arg(topic)
-                .arg(keys::channel(room))
-                .arg(frame)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            Ok(())
-        })
-        .await
+        let mut call = self.scripts.set_topic.key(keys::meta(room));
+        call.arg(topic).arg(keys::channel(room)).arg(frame);
+        let _: i64 = self.script("set_topic", &call).await?;
+        Ok(())
     }
 
     async fn set_access(
@@ -470,22 +468,13 @@ impl Engine for RedisEngine {
             user: user.to_owned(),
             access,
         });
-        self.timed("set_access", async {
-            let mut conn = self.conn.clone();
-            let _: i64 = self
-                .scripts
-                .set_access
-                .key(keys::access(room))
-                .arg(user)
-                .arg(access.map(Access::as_str).unwrap_or_default())
-                .arg(keys::channel(room))
-                .arg(frame)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            Ok(())
-        })
-        .await
+        let mut call = self.scripts.set_access.key(keys::access(room));
+        call.arg(user)
+            .arg(access.map(Access::as_str).unwrap_or_default())
+            .arg(keys::channel(room))
+            .arg(frame);
+        let _: i64 = self.script("set_access", &call).await?;
+        Ok(())
     }
 
     fn announce(&self, room: &str, event: FeedEvent) {
@@ -495,7 +484,9 @@ impl Engine for RedisEngine {
     }
 
     fn presence(&self, room: &str, change: PresenceChange, applied: Option<Applied>) {
-        let _ = self.presence.send((room.to_owned(), change, applied));
+        let _ = self
+            .presence
+            .send(nodes::Work::Change(room.to_owned(), change, applied));
     }
 
     async fn members(&self, room: &str) -> Result<Vec<String>, EngineError> {
@@ -517,39 +508,19 @@ impl Engine for RedisEngine {
         login: u64,
         lease: Duration,
     ) -> Result<bool, EngineError> {
-        self.timed("hold_nickname", async {
-            let mut conn = self.conn.clone();
-            let held: i64 = self
-                .scripts
-                .nickname
-                .key(keys::nickname(key))
-                .arg("hold")
-                .arg(login)
-                .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            Ok(held == 1)
-        })
-        .await
+        let mut call = self.scripts.nickname.key(keys::nickname(key));
+        call.arg("hold")
+            .arg(login)
+            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1));
+        let held: i64 = self.script("hold_nickname", &call).await?;
+        Ok(held == 1)
     }
 
     async fn release_nickname(&self, key: &str, login: u64) -> Result<(), EngineError> {
-        self.timed("release_nickname", async {
-            let mut conn = self.conn.clone();
-            let _: i64 = self
-                .scripts
-                .nickname
-                .key(keys::nickname(key))
-                .arg("release")
-                .arg(login)
-                .arg(0)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            Ok(())
-        })
-        .await
+        let mut call = self.scripts.nickname.key(keys::nickname(key));
+        call.arg("release").arg(login).arg(0);
+        let _: i64 = self.script("release_nickname", &call).await?;
+        Ok(())
     }
 
     async fn read_after(
