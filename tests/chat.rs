@@ -681,30 +681,8 @@ on_every_engine!(
 /// Many clients joining a room that does not exist yet, all at once (each join may be the
 /// one that makes it): the room is made once and every reader gets every message.
 async fn a_room_made_by_concurrent_joins_feeds_everyone(engine: Engine) {
-    const READERS: usize = 16;
     let server = TestServer::start_on(engine).await;
-    let mut joining = tokio::task::JoinSet::new();
-    for r in 0..READERS {
-        let client = server.client(&format!("reader{r}")).await;
-        joining.spawn(async move {
-            let mut events = Events::open(&client).await;
-            events.join("fresh", None).await;
-            (client, events)
-        });
-    }
-    let mut readers = Vec::new();
-    while let Some(joined) = joining.join_next().await {
-        readers.push(joined.unwrap());
-    }
-    let publisher = server.client("publisher").await;
-    let mut publishing = Events::open(&publisher).await;
-    publishing.join("fresh", None).await;
-    for n in 0..50 {
-        publishing.say("fresh", &format!("m{n}")).await;
-    }
-    for (_, events) in &mut readers {
-        assert_eq!(events.seqs(50).await, (1..=50).collect::<Vec<_>>());
-    }
+    common::joins_at_once_make_one_room(&[&server]).await;
 }
 on_every_engine!(
     a_room_made_by_concurrent_joins_feeds_everyone,

@@ -619,31 +619,6 @@ async fn a_lost_room_starts_again_under_a_new_epoch() {
 /// feed, and every reader gets every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_made_by_concurrent_joins_on_two_nodes_feeds_everyone() {
-    const READERS: usize = 16;
     let (_storage, nodes) = cluster(2).await;
-    let mut clients = Vec::new();
-    for r in 0..READERS {
-        clients.push(nodes[r % 2].client(&format!("reader{r}")).await);
-    }
-    let mut joining = JoinSet::new();
-    for client in clients {
-        joining.spawn(async move {
-            let mut events = Events::open(&client).await;
-            events.join("fresh", None).await;
-            (client, events)
-        });
-    }
-    let mut readers = Vec::new();
-    while let Some(joined) = joining.join_next().await {
-        readers.push(joined.unwrap());
-    }
-    let publisher = nodes[0].client("publisher").await;
-    let mut publishing = Events::open(&publisher).await;
-    publishing.join("fresh", None).await;
-    for n in 0..50 {
-        publishing.say("fresh", &format!("m{n}")).await;
-    }
-    for (_, events) in &mut readers {
-        assert_eq!(events.seqs(50).await, (1..=50).collect::<Vec<_>>());
-    }
+    common::joins_at_once_make_one_room(&[&nodes[0], &nodes[1]]).await;
 }

@@ -312,6 +312,37 @@ impl Events {
     }
 }
 
+/// Sixteen readers, spread over `servers` in turn, join room `fresh` (which does not exist
+/// yet) all at once, so that any of them may be the one that makes it; then a publisher
+/// on the first server sends 50 messages, and every reader must get all of them, in order.
+pub async fn joins_at_once_make_one_room(servers: &[&TestServer]) {
+    const READERS: usize = 16;
+    let mut joining = tokio::task::JoinSet::new();
+    for r in 0..READERS {
+        let client = servers[r % servers.len()]
+            .client(&format!("reader{r}"))
+            .await;
+        joining.spawn(async move {
+            let mut events = Events::open(&client).await;
+            events.join("fresh", None).await;
+            (client, events)
+        });
+    }
+    let mut readers = Vec::new();
+    while let Some(joined) = joining.join_next().await {
+        readers.push(joined.expect("a join"));
+    }
+    let publisher = servers[0].client("publisher").await;
+    let mut publishing = Events::open(&publisher).await;
+    publishing.join("fresh", None).await;
+    for n in 0..50 {
+        publishing.say("fresh", &format!("m{n}")).await;
+    }
+    for (_, events) in &mut readers {
+        assert_eq!(events.seqs(50).await, (1..=50).collect::<Vec<_>>());
+    }
+}
+
 /// The first page of `room`'s members, as `client`'s user sees it.
 pub async fn members(client: &Client, room: &str) -> Vec<String> {
     client
