@@ -622,3 +622,105 @@ async fn a_room_made_by_concurrent_joins_on_two_nodes_feeds_everyone() {
     let (_storage, nodes) = cluster(2).await;
     common::joins_at_once_make_one_room(&[&nodes[0], &nodes[1]]).await;
 }
+
+/// The events `events` receives up to and including the first that `last` matches.
+async fn events_until(
+    events: &mut Events,
+    what: &str,
+    last: impl Fn(&Event) -> bool,
+) -> Vec<Event> {
+    let mut seen = Vec::new();
+    loop {
+        let event = events.until(what, |_| true).await.event;
+        let Some(event) = event else { continue };
+        let done = last(&event);
+        seen.push(event);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// The presence changes of `user` among `events`.
+fn presence_of(events: &[Event], user: &str) -> Vec<PresenceKind> {
+    events
+        .iter()
+        .filter_map(|event| match event {
+            Event::Presence(p) if p.user == user => Some(p.kind()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A user with streams on two nodes is present once: the room hears one join (when the
+/// first node has them) and one leave (when the last stream, on whichever node, goes), and
+/// every node lists them while any stream is in; typing crosses nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_one_over_the_nodes_and_typing_crosses_them() {
+    let (storage, nodes) = cluster(2).await;
+    let observer = nodes[1].client("observer").await;
+    let mut watching = Events::open(&observer).await;
+    watching.join("r", None).await;
+
+    let on_a = nodes[0].client("alice").await;
+    let mut on_b = Client::connect(&nodes[1].url()).await.unwrap();
+    on_b.set_token(on_a.token().unwrap()).unwrap();
+    let mut stream_a = Events::open(&on_a).await;
+    stream_a.join("r", None).await;
+    let mut stream_b = Events::open(&on_b).await;
+    stream_b.join("r", None).await;
+    // Typing on node A reaches the observer on node B; nothing about alice came before
+    // it but the one join.
+    stream_a.chat.sender().typing("r", true).await.unwrap();
+    let seen = events_until(
+        &mut watching,
+        "alice typing",
+        |e| matches!(e, Event::Typing(t) if t.user == "alice" && t.typing),
+    )
+    .await;
+    assert_eq!(presence_of(&seen, "alice"), [PresenceKind::Joined]);
+
+    // Her stream on node A leaves: she is still in through node B.
+    let id = stream_a.chat.sender().leave("r").await.unwrap();
+    assert!(matches!(stream_a.reply(id).await, Event::Left(_)));
+    let redis = storage.redis().unwrap();
+    eventually("node A to let her go in Redis", || async {
+        let on_a = redis.cli(&["SISMEMBER", "confab:{r}:presence:node-0", "alice"]);
+        (on_a.trim() == "0").then_some(())
+    })
+    .await;
+    assert_eq!(
+        redis.cli(&["HGET", "confab:{r}:presence", "alice"]).trim(),
+        "1",
+        "one node has her"
+    );
+    for (i, node) in nodes.iter().enumerate() {
+        let viewer = client_at(&node.url(), &format!("viewer{i}")).await;
+        let members = common::members(&viewer, "r").await;
+        assert!(
+            members.contains(&"alice".to_owned()),
+            "node {i}: {members:?}"
+        );
+    }
+    stream_b.say("r", "still here").await;
+    let seen = events_until(
+        &mut watching,
+        "alice's message",
+        |e| matches!(e, Event::Message(m) if m.text == "still here"),
+    )
+    .await;
+    assert!(
+        presence_of(&seen, "alice").is_empty(),
+        "no leave while a stream is in"
+    );
+
+    // Her last stream goes: one leave.
+    drop(stream_b);
+    let seen = events_until(
+        &mut watching,
+        "alice's leave",
+        |e| matches!(e, Event::Presence(p) if p.user == "alice"),
+    )
+    .await;
+    assert_eq!(presence_of(&seen, "alice"), [PresenceKind::Left]);
+}
