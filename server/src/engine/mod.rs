@@ -97,6 +97,15 @@ pub enum FeedEvent {
         /// Invited, banned, or neither.
         access: Option<Access>,
     },
+    /// The room's state as it is now, after a time the node could not hear the feed (its
+    /// subscription dropped): changes of topic, access and presence made meanwhile were
+    /// published while no one listened.
+    Resync {
+        /// Owner, topic, private, access.
+        record: RoomRecord,
+        /// Who is present over every node, sorted.
+        members: Vec<String>,
+    },
     /// The room's log was lost and started again under `epoch` (seqs from 1).
     Reset {
         /// The new epoch.

@@ -574,6 +574,44 @@ mod tests {
         assert_eq!(kinds, vec![PresenceKind::Joined, PresenceKind::Left]);
     }
 
+    /// After a time its node could not hear the feed, a room takes the state it missed:
+    /// a ban made meanwhile holds, the topic is announced, the member list is the one
+    /// given.
+    #[tokio::test]
+    async fn a_resync_brings_in_what_the_feed_missed() {
+        use crate::engine::{Feed as _, FeedEvent};
+
+        let hub = hub(16);
+        let room = hub.open_room("r", "alice").await.unwrap();
+        let mut watcher = room.tail(None, "").await.unwrap();
+        let (_, _, _bob) = room.join("bob", None, "", 0).await.unwrap();
+        assert!(room.admit("bob").is_ok());
+        let mut record = crate::hub::room::new_record("r", "plans", "alice", false);
+        record.access.insert("bob".into(), Access::Banned);
+        room.deliver(FeedEvent::Resync {
+            record,
+            members: vec!["alice".into(), "carol".into()],
+        });
+        assert!(room.admit("bob").is_err(), "the ban holds here now");
+        let info = room.info();
+        assert_eq!((info.topic.as_str(), info.member_count), ("plans", 2));
+        assert_eq!(
+            room.members_page(None, 10).await.unwrap().0,
+            ["bob"],
+            "the engine's own list is untouched"
+        );
+        loop {
+            match watcher.next().await.unwrap() {
+                Some(Delivery::Event(RoomEvent::Updated(update))) => {
+                    assert_eq!(update.room.as_ref().unwrap().topic, "plans");
+                    break;
+                }
+                Some(_) => continue,
+                None => panic!("cursor ended"),
+            }
+        }
+    }
+
     #[test]
     fn pages_are_sorted_and_say_whether_more_follow() {
         let names: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();

@@ -501,6 +501,19 @@ impl Feed for Room {
                     None => state.record.access.remove(&user),
                 };
             }
+            FeedEvent::Resync { record, members } => {
+                let mut state = self.state();
+                state.record.access = record.access;
+                let mut roster = self.roster();
+                *roster = members.into_iter().collect();
+                if state.record.topic != record.topic {
+                    state.record.topic = record.topic;
+                    self.publish(RoomEvent::Updated(Arc::new(pb::RoomUpdated {
+                        room: Some(info(&state.record, roster.len(), self.head_seq())),
+                        updated_by: String::new(),
+                    })));
+                }
+            }
             FeedEvent::Reset { epoch } => {
                 let mut state = self.state();
                 if state.record.epoch == epoch {

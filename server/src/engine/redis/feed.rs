@@ -10,6 +10,7 @@
 //! head from the log. So every node's ring is the same gap-free sequence.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc, Weak,
         atomic::{AtomicBool, Ordering},
@@ -221,6 +222,24 @@ impl Feeds {
         let head = head.unwrap_or(0);
         if head > last {
             self.fill(&feed.room, &mut state, head).await?;
+        }
+        // Topic, access and presence changes published meanwhile are gone too: the room
+        // takes its state as it is now (a ban made meanwhile holds here from now on).
+        let (meta, access, members): (
+            BTreeMap<String, String>,
+            BTreeMap<String, String>,
+            Vec<String>,
+        ) = redis::pipe()
+            .hgetall(keys::meta(&feed.room))
+            .hgetall(keys::access(&feed.room))
+            .hkeys(keys::presence(&feed.room))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if let Some(record) = wire::record_from(&meta, &access) {
+            let mut members = members;
+            members.sort_unstable();
+            give(&state, FeedEvent::Resync { record, members });
         }
         Ok(())
     }

@@ -97,7 +97,10 @@ pub(super) fn event_frame(event: &FeedEvent) -> Option<Vec<u8>> {
             by: removal.by.clone(),
             message: removal.message.clone(),
         }),
-        FeedEvent::Message(_) | FeedEvent::Presence(_) | FeedEvent::Reset { .. } => return None,
+        FeedEvent::Message(_)
+        | FeedEvent::Presence(_)
+        | FeedEvent::Reset { .. }
+        | FeedEvent::Resync { .. } => return None,
     };
     let mut frame = vec![b'e'];
     Event { kind: Some(kind) }.encode(&mut frame).ok()?;
