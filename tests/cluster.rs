@@ -42,7 +42,12 @@ fn node_config(storage: &Storage, node: &str) -> Config {
 
 /// `n` nodes (in this process) on one fresh Redis.
 async fn cluster(n: usize) -> (Storage, Vec<TestServer>) {
-    let storage = Storage::new(Engine::Redis);
+    cluster_on(Engine::Redis, n).await
+}
+
+/// `n` nodes (in this process) on fresh storage of `engine` (a Redis, or a Redis Cluster).
+async fn cluster_on(engine: Engine, n: usize) -> (Storage, Vec<TestServer>) {
+    let storage = Storage::new(engine);
     let mut nodes = Vec::new();
     for i in 0..n {
         nodes
@@ -59,10 +64,9 @@ async fn members_at(url: &str, viewer: &str, room: &str) -> Vec<String> {
 /// Three nodes, readers spread over them, a sender on each: every reader gets every
 /// message exactly once, in seq order; every node lists the same members; and a kick
 /// made on one node puts the user out of their stream on another.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_deliver_every_message_once_in_order_and_agree() {
+async fn three_nodes_deliver_every_message_once_in_order_and_agree(engine: Engine) {
     const PER_SENDER: usize = 400;
-    let (_storage, nodes) = cluster(3).await;
+    let (_storage, nodes) = cluster_on(engine, 3).await;
     let owner = nodes[0].client("owner").await;
     common::create_room(&owner, "hall").await;
     let mut owner_chat = Events::open(&owner).await;
@@ -158,6 +162,19 @@ async fn three_nodes_deliver_every_message_once_in_order_and_agree() {
         })
         .await;
     }
+}
+
+/// On one Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_one_redis() {
+    three_nodes_deliver_every_message_once_in_order_and_agree(Engine::Redis).await;
+}
+
+/// On a Redis Cluster of three shards: each room's keys in one slot, its scripts run there,
+/// its feed published through the cluster bus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_redis_cluster() {
+    three_nodes_deliver_every_message_once_in_order_and_agree(Engine::RedisCluster).await;
 }
 
 /// The same client_msg_id sent at once through two nodes is stored once, and both acks

@@ -30,9 +30,16 @@ pub struct Config {
     pub in_memory: bool,
 
     /// Run as a node of a cluster on this Redis (`redis://HOST:PORT[/DB]`) instead of on
-    /// local storage: every node on one Redis serves the same rooms, seqs and members.
-    #[arg(long, env = "CONFAB_REDIS_URL", conflicts_with = "in_memory")]
-    pub redis: Option<String>,
+    /// local storage: every node on one Redis serves the same rooms, seqs and members. For
+    /// a Redis Cluster, name its seed nodes (repeat the flag, or separate them with commas;
+    /// or write one `redis+cluster://HOST:PORT`).
+    #[arg(
+        long,
+        env = "CONFAB_REDIS_URL",
+        value_delimiter = ',',
+        conflicts_with = "in_memory"
+    )]
+    pub redis: Vec<String>,
 
     /// This node's name in the cluster (logs, metrics, presence). Default: a random one.
     #[arg(long, env = "CONFAB_NODE_ID")]

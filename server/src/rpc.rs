@@ -220,7 +220,7 @@ impl ChatService for ChatServer {
             _ => String::new(),
         };
         Ok(Response::new(pb::ListRoomsResponse {
-            rooms: rooms.iter().map(|room| room.info()).collect(),
+            rooms: futures::future::try_join_all(rooms.iter().map(|room| room.info_now())).await?,
             next_page_token,
         }))
     }
@@ -234,7 +234,7 @@ impl ChatService for ChatServer {
             .readable_room("room", &request.get_ref().room, &user)
             .await?;
         Ok(Response::new(pb::GetRoomResponse {
-            room: Some(room.info()),
+            room: Some(room.info_now().await?),
         }))
     }
 
@@ -256,7 +256,7 @@ impl ChatService for ChatServer {
             )
             .await?;
         Ok(Response::new(pb::CreateRoomResponse {
-            room: Some(room.info()),
+            room: Some(room.info_now().await?),
         }))
     }
 

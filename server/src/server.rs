@@ -391,14 +391,14 @@ async fn open_engine(
     config: &Config,
     metrics: &Arc<Metrics>,
 ) -> Result<(Arc<dyn Engine>, Option<String>), ServerError> {
-    if let Some(url) = &config.redis {
+    if !config.redis.is_empty() {
         let node_id = config.node_id.clone().unwrap_or_else(|| {
             use rand::Rng as _;
             format!("node-{:08x}", rand::rng().random::<u32>())
         });
         let engine = RedisEngine::connect(
             RedisConfig {
-                url: url.clone(),
+                urls: config.redis.clone(),
                 node_id,
                 dedupe_window: config.dedupe_window,
                 retention: config.retention(),

@@ -22,6 +22,8 @@ pub enum Engine {
     Sqlite,
     /// A cluster node on Redis.
     Redis,
+    /// A cluster node on a Redis Cluster of three shards.
+    RedisCluster,
 }
 
 /// Runs the test `name`, an `async fn name(engine: Engine)`, once per [`Engine`]: as the
@@ -43,6 +45,11 @@ macro_rules! on_every_engine {
             async fn redis() {
                 super::$name($crate::common::Engine::Redis).await
             }
+
+            #[$($test)+]
+            async fn redis_cluster() {
+                super::$name($crate::common::Engine::RedisCluster).await
+            }
         }
     };
 }
@@ -53,6 +60,8 @@ pub enum Storage {
     Dir(tempfile::TempDir),
     /// A Redis of the test's own.
     Redis(RedisServer),
+    /// A Redis Cluster of the test's own: three shards, no replicas.
+    RedisCluster(Vec<RedisServer>),
 }
 
 impl Storage {
@@ -61,6 +70,7 @@ impl Storage {
         match engine {
             Engine::Sqlite => Storage::Dir(tempfile::tempdir().expect("temp dir")),
             Engine::Redis => Storage::Redis(RedisServer::start()),
+            Engine::RedisCluster => Storage::RedisCluster(RedisServer::cluster(3)),
         }
     }
 
@@ -70,9 +80,13 @@ impl Storage {
         match self {
             Storage::Dir(dir) => config.data_dir = dir.path().to_owned(),
             Storage::Redis(redis) => {
-                config.redis = Some(redis.url());
+                config.redis = vec![redis.url()];
                 // Nothing is kept locally; a dir of its own keeps nodes from sharing one.
                 config.data_dir = redis.dir().join("unused-data-dir");
+            }
+            Storage::RedisCluster(shards) => {
+                config.redis = shards.iter().map(RedisServer::url).collect();
+                config.data_dir = shards[0].dir().join("unused-data-dir");
             }
         }
         config
@@ -83,6 +97,14 @@ impl Storage {
         match self {
             Storage::Dir(dir) => vec!["--data-dir".into(), dir.path().display().to_string()],
             Storage::Redis(redis) => vec!["--redis".into(), redis.url()],
+            Storage::RedisCluster(shards) => vec![
+                "--redis".into(),
+                shards
+                    .iter()
+                    .map(RedisServer::url)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ],
         }
     }
 
@@ -90,7 +112,7 @@ impl Storage {
     pub fn redis(&self) -> Option<&RedisServer> {
         match self {
             Storage::Redis(redis) => Some(redis),
-            Storage::Dir(_) => None,
+            Storage::Dir(_) | Storage::RedisCluster(_) => None,
         }
     }
 
@@ -98,7 +120,7 @@ impl Storage {
     pub fn redis_mut(&mut self) -> Option<&mut RedisServer> {
         match self {
             Storage::Redis(redis) => Some(redis),
-            Storage::Dir(_) => None,
+            Storage::Dir(_) | Storage::RedisCluster(_) => None,
         }
     }
 }
@@ -108,12 +130,18 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Whether it is a shard of a Redis Cluster.
+    shard: bool,
 }
 
 impl RedisServer {
     /// Starts one and waits until it answers PING. Panics (saying what to install) if
     /// `redis-server` is not on the PATH.
     pub fn start() -> Self {
+        Self::start_as(false)
+    }
+
+    fn start_as(shard: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -123,9 +151,43 @@ impl RedisServer {
             child: None,
             port,
             dir,
+            shard,
         };
         redis.spawn();
         redis
+    }
+
+    /// A Redis Cluster of `shards` masters (no replicas), its slots spread over them by
+    /// `redis-cli --cluster create`, once every shard says it is ready.
+    pub fn cluster(shards: usize) -> Vec<Self> {
+        let servers: Vec<Self> = (0..shards).map(|_| Self::start_as(true)).collect();
+        let addresses: Vec<String> = servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let started = Instant::now();
+        while !servers
+            .iter()
+            .all(|s| s.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the Redis Cluster did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        servers
     }
 
     fn spawn(&mut self) {
@@ -142,6 +204,16 @@ impl RedisServer {
                 "",
             ])
             .args(["--logfile", "redis.log"])
+            .args(if self.shard {
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ][..]
+            } else {
+                &[][..]
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

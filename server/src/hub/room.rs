@@ -38,6 +38,10 @@ use crate::{
 /// How long a join waits for the engine to count the user present.
 const ENTER_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a join or a subscription waits for this node's feed to bring what the engine
+/// has committed.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
+
 /// One event on a room's ring. Cloning it (once per reader) only bumps reference counts.
 #[derive(Debug, Clone)]
 pub enum RoomEvent {
@@ -171,6 +175,15 @@ impl Room {
         info(&state.record, members, self.head_seq())
     }
 
+    /// The room as the protocol describes it, its head seq the engine's: in a cluster a
+    /// message acked through any node counts, even before this node's feed brings it.
+    pub async fn info_now(&self) -> Result<pb::RoomInfo, ChatError> {
+        let head = self.engine.head_seq(&self.name).await?;
+        let mut info = self.info();
+        info.head_seq = info.head_seq.max(head);
+        Ok(info)
+    }
+
     /// Up to `limit` present users (over every node) after `after` (exclusive), in order,
     /// and whether more follow.
     pub async fn members_page(
@@ -295,6 +308,29 @@ impl Room {
         Ok(Resume { after, reset: None })
     }
 
+    /// Waits (a little, at most [`CATCH_UP_WAIT`]) until this node's ring has every
+    /// message the engine has committed now, so that a join or a subscription sees every
+    /// message acked before it, through whichever node. Locally the two are the same.
+    async fn caught_up(&self) -> Result<(), ChatError> {
+        let head = self.engine.head_seq(&self.name).await?;
+        if self.head_seq() >= head {
+            return Ok(());
+        }
+        let mut live = self.events.subscribe();
+        let wait = async {
+            // Subscribed before the check: a message put on the ring meanwhile wakes us.
+            while self.head_seq() < head {
+                if let Err(broadcast::error::RecvError::Closed) = live.recv().await {
+                    return;
+                }
+            }
+        };
+        // The feed brings them within milliseconds; past the wait the reader still misses
+        // nothing (its cursor reads the log), it only starts further back.
+        let _ = tokio::time::timeout(CATCH_UP_WAIT, wait).await;
+        Ok(())
+    }
+
     /// The room's epoch.
     pub fn epoch(&self) -> String {
         self.state().record.epoch.clone()
@@ -315,6 +351,7 @@ impl Room {
         epoch: &str,
         history: u64,
     ) -> Result<(pb::Joined, Cursor, Presence), ChatError> {
+        self.caught_up().await?;
         let resume = match after_seq {
             Some(seq) => Some(self.resume_point(seq, epoch).await?),
             None => None,
@@ -378,6 +415,7 @@ impl Room {
         after_seq: Option<u64>,
         epoch: &str,
     ) -> Result<Cursor, ChatError> {
+        self.caught_up().await?;
         let resume = match after_seq {
             Some(seq) => Some(self.resume_point(seq, epoch).await?),
             None => None,

@@ -20,10 +20,10 @@ use std::{
 
 use dashmap::DashMap;
 use futures::StreamExt as _;
-use redis::aio::{ConnectionManager, PubSubSink};
+use redis::aio::PubSubSink;
 use tokio::sync::Mutex;
 
-use super::{keys, unavailable, wire};
+use super::{Conn, keys, unavailable, wire};
 use crate::{
     engine::{EngineError, Feed, FeedEvent},
     metrics::Metrics,
@@ -34,10 +34,11 @@ const FILL_CHUNK: usize = 512;
 
 /// The rooms this node follows.
 pub(super) struct Feeds {
-    /// For the pub/sub connection (one, this node's).
-    client: redis::Client,
+    /// Where the pub/sub connection (one, this node's) may go: one Redis, or the seed
+    /// nodes of a Redis Cluster, tried in turn.
+    seeds: Vec<redis::Client>,
     /// For reading the log and heads.
-    conn: ConnectionManager,
+    conn: Conn,
     /// Followed rooms by name.
     rooms: DashMap<String, Arc<RoomFeed>>,
     /// The live subscription's command half; `None` while disconnected. Held while the
@@ -71,13 +72,9 @@ struct FeedState {
 }
 
 impl Feeds {
-    pub(super) fn new(
-        client: redis::Client,
-        conn: ConnectionManager,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub(super) fn new(seeds: Vec<redis::Client>, conn: Conn, metrics: Arc<Metrics>) -> Self {
         Self {
-            client,
+            seeds,
             conn,
             rooms: DashMap::new(),
             sink: Mutex::new(None),
@@ -145,8 +142,12 @@ impl Feeds {
     /// from the log, and delivers frames until the connection drops; then again.
     pub(super) async fn run(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(100);
+        let mut seed = 0;
         loop {
-            match self.subscribe_all().await {
+            match self
+                .subscribe_all(&self.seeds[seed % self.seeds.len()])
+                .await
+            {
                 Ok(mut stream) => {
                     backoff = Duration::from_millis(100);
                     tracing::info!(rooms = self.rooms.len(), "subscribed to the room feeds");
@@ -160,6 +161,8 @@ impl Feeds {
                     tracing::warn!("the feed subscription dropped; reconnecting");
                 }
                 Err(error) => {
+                    // Another seed next time: this one may be the node that went away.
+                    seed += 1;
                     tracing::warn!(%error, ?backoff, "cannot subscribe to the room feeds");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -168,8 +171,11 @@ impl Feeds {
         }
     }
 
-    async fn subscribe_all(&self) -> Result<redis::aio::PubSubStream, redis::RedisError> {
-        let pubsub = self.client.get_async_pubsub().await?;
+    async fn subscribe_all(
+        &self,
+        seed: &redis::Client,
+    ) -> Result<redis::aio::PubSubStream, redis::RedisError> {
+        let pubsub = seed.get_async_pubsub().await?;
         let (mut sink, stream) = pubsub.split();
         let mut current = self.sink.lock().await;
         let channels: Vec<String> = self.rooms.iter().map(|r| keys::channel(r.key())).collect();

@@ -12,6 +12,7 @@
 //! lands once), open streams stay, and when it returns the feed resubscribes and fills
 //! every gap from the log.
 
+mod conn;
 mod feed;
 mod keys;
 mod nodes;
@@ -28,9 +29,8 @@ use confab::{ChatMessage, ChatMessageRecord};
 use dashmap::DashMap;
 use rand::Rng as _;
 use redis::{
-    AsyncCommands as _, Script, ScriptInvocation,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-    streams::StreamRangeReply,
+    AsyncCommands as _, Script, ScriptInvocation, aio::ConnectionManagerConfig,
+    cluster::ClusterClient, streams::StreamRangeReply,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -44,6 +44,7 @@ use crate::{
     store::{Access, Retention, RoomRecord, to_micros},
     validate::Outgoing,
 };
+use conn::Conn;
 use feed::Feeds;
 
 /// The longest a call to Redis may take before the client is told UNAVAILABLE.
@@ -52,8 +53,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// What a cluster node needs to know.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://HOST:PORT[/DB]`.
-    pub url: String,
+    /// `redis://HOST:PORT[/DB]` for one Redis; for a Redis Cluster, its seed nodes
+    /// (several URLs, or any of them written `redis+cluster://`).
+    pub urls: Vec<String>,
     /// This node's name.
     pub node_id: String,
     /// How long a `client_msg_id` is recognised as a retry.
@@ -65,8 +67,9 @@ pub struct RedisConfig {
 /// The engine of a cluster node.
 pub struct RedisEngine {
     node: String,
-    /// Commands and scripts (one multiplexed connection, remade when it drops).
-    conn: ConnectionManager,
+    /// Commands and scripts (one multiplexed connection, remade when it drops; or a
+    /// cluster connection routing each command to its slot's node).
+    conn: Conn,
     /// The rooms this node follows, and the subscription.
     feeds: Arc<Feeds>,
     /// Each followed room's record as first read, to rebuild its meta should Redis lose it.
@@ -123,7 +126,7 @@ pub(crate) fn unavailable(error: redis::RedisError) -> EngineError {
 
 /// Messages of `room` with seqs `from..=to`, at most `limit`, oldest first.
 async fn read_range(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     room: &str,
     from: u64,
     to: u64,
@@ -160,23 +163,54 @@ impl RedisEngine {
     /// Connects to Redis at `config.url` and starts this node's tasks: the feed
     /// subscription, presence, and the heartbeat that finds dead nodes.
     pub async fn connect(config: RedisConfig, metrics: Arc<Metrics>) -> Result<Self, EngineError> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| EngineError::Protocol(format!("--redis {}: {e}", config.url)))?;
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(CALL_TIMEOUT))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = tokio::time::timeout(
-            CALL_TIMEOUT,
-            client.get_connection_manager_with_config(manager),
-        )
-        .await
-        .map_err(|_| EngineError::Unavailable(format!("{}: no answer", config.url)))?
-        .map_err(unavailable)?;
+        let shown = config.urls.join(",");
+        let is_cluster = config.urls.len() > 1
+            || config
+                .urls
+                .iter()
+                .any(|url| url.starts_with("redis+cluster://"));
+        let urls: Vec<String> = config
+            .urls
+            .iter()
+            .map(|url| url.replacen("redis+cluster://", "redis://", 1))
+            .collect();
+        let bad = |e: redis::RedisError| EngineError::Protocol(format!("--redis {shown}: {e}"));
+        // Pub/sub: one subscription, to any node (a Redis Cluster passes every PUBLISH to
+        // every node), moved to the next seed when it drops.
+        let seeds = urls
+            .iter()
+            .map(|url| redis::Client::open(url.as_str()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let connecting = async {
+            if is_cluster {
+                let client = ClusterClient::builder(urls.clone())
+                    .connection_timeout(Duration::from_secs(1))
+                    .response_timeout(CALL_TIMEOUT)
+                    .retries(3)
+                    .build()
+                    .map_err(bad)?;
+                let conn = client.get_async_connection().await.map_err(unavailable)?;
+                Ok::<_, EngineError>(Conn::Cluster(conn))
+            } else {
+                let manager = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(Some(CALL_TIMEOUT))
+                    .set_number_of_retries(3)
+                    .set_max_delay(Duration::from_secs(1));
+                let conn = seeds[0]
+                    .get_connection_manager_with_config(manager)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(Conn::Single(conn))
+            }
+        };
+        let conn = tokio::time::timeout(CALL_TIMEOUT, connecting)
+            .await
+            .map_err(|_| EngineError::Unavailable(format!("{shown}: no answer")))??;
         metrics.set_node(&config.node_id);
         let scripts = Arc::new(Scripts::new());
-        let feeds = Arc::new(Feeds::new(client, conn.clone(), metrics.clone()));
+        let feeds = Arc::new(Feeds::new(seeds, conn.clone(), metrics.clone()));
         let (presence, changes) = mpsc::unbounded_channel();
         let nodes = nodes::Nodes::new(
             config.node_id.clone(),
@@ -191,7 +225,12 @@ impl RedisEngine {
             tokio::spawn(nodes.clone().apply_presence(changes)),
             tokio::spawn(nodes.heartbeat(presence.clone())),
         ];
-        tracing::info!(node = config.node_id, url = config.url, "engine: Redis");
+        tracing::info!(
+            node = config.node_id,
+            redis = shown,
+            cluster = is_cluster,
+            "engine: Redis"
+        );
         Ok(Self {
             node: config.node_id,
             conn,

@@ -14,10 +14,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use redis::{AsyncCommands as _, aio::ConnectionManager};
+use redis::AsyncCommands as _;
 use tokio::sync::mpsc;
 
-use super::{Scripts, keys, unavailable};
+use super::{Conn, Scripts, keys, unavailable};
 use crate::{
     engine::{Applied, EngineError, PresenceChange},
     metrics::Metrics,
@@ -42,7 +42,7 @@ pub(super) enum Work {
 #[derive(Clone)]
 pub(super) struct Nodes {
     node: String,
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Arc<Scripts>,
     metrics: Arc<Metrics>,
     /// The users this node has registered, per room: what a resync registers again.
@@ -58,7 +58,7 @@ fn now_ms() -> u64 {
 impl Nodes {
     pub(super) fn new(
         node: String,
-        conn: ConnectionManager,
+        conn: Conn,
         scripts: Arc<Scripts>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -184,12 +184,12 @@ impl Nodes {
                 .await
                 .map_err(unavailable)?;
         }
-        let _: () = redis::pipe()
+        // Two commands, not a pipeline: on a Redis Cluster the keys are in different slots.
+        let _: () = conn
             .del(keys::node_rooms(node))
-            .hdel(keys::NODES, node)
-            .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        let _: () = conn.hdel(keys::NODES, node).await.map_err(unavailable)?;
         if !rooms.is_empty() {
             tracing::info!(node, rooms = rooms.len(), "purged a node's presence");
         }
