@@ -31,7 +31,7 @@ FOREIGN = {"tokio", "std", "tonic", "prost", "hyper", "h2", "futures", "dashmap"
            # Types of those crates the map mentions by name.
            "DashMap", "Deref", "Drop", "Lagged", "SelectAll", "StreamMap", "Sender", "Arc",
            "Mutex", "Instant", "Status", "Interceptor", "Widget", "TestBackend", "EventStream",
-           "ConnectionManager", "Script"}
+           "ConnectionManager", "ClusterConnection", "Script"}
 
 
 def rust_sources():
