@@ -1,59 +1,115 @@
-//! The server under test: started here (pinned to CPU 0, with no limits that would get in
-//! a load test's way) or found at `--server`; and what `/proc` says it costs.
+//! The servers under test: started here (pinned to CPU 0; Confab with no limits that would
+//! get in a load test's way) or found at `--server`; and what `/proc` says they cost.
 
 use std::{
+    ffi::OsString,
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 
-/// A server this run started; killed when dropped.
+/// A server this run started; killed when dropped (its data dir with it).
 pub struct Spawned {
     child: Child,
-    /// Where it listens, `http://…`.
+    /// Where it listens, `http://…` or `nats://…`.
     pub url: String,
+    _data: Option<tempfile::TempDir>,
+}
+
+/// Where a started Confab keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Store {
+    /// The default engine: SQLite in a fresh temporary data dir.
+    Sqlite,
+    /// `--in-memory`.
+    Memory,
 }
 
 impl Spawned {
-    /// Starts `binary` (in memory, limits off), under `taskset -c 0` when `pin`.
-    pub async fn start(binary: PathBuf, pin: bool) -> anyhow::Result<Self> {
-        // A free port, picked by the OS; the server binds it a moment later.
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let listen = format!("127.0.0.1:{port}");
-        let mut command = if pin {
-            let mut command = Command::new("taskset");
-            command.args(["-c", "0"]).arg(&binary);
-            command
-        } else {
-            Command::new(&binary)
+    /// Starts `confab-server` from `binary` (limits off) on `store`.
+    pub async fn confab(binary: &Path, store: Store, pin: bool) -> anyhow::Result<Self> {
+        let listen = free_address()?;
+        let mut args: Vec<OsString> = vec!["--listen".into(), listen.clone().into()];
+        let data = match store {
+            Store::Memory => {
+                args.push("--in-memory".into());
+                None
+            }
+            Store::Sqlite => {
+                let dir = tempfile::tempdir()?;
+                args.extend(["--data-dir".into(), dir.path().into()]);
+                Some(dir)
+            }
         };
-        command
-            .args(["--in-memory", "--listen", &listen])
-            .args(["--send-rate", "0", "--room-creation-per-minute", "0"])
-            .args([
+        args.extend(
+            [
+                "--send-rate",
+                "0",
+                "--room-creation-per-minute",
+                "0",
                 "--max-rooms",
                 "100000000",
                 "--max-connections-per-ip",
                 "1000000",
-            ])
-            .args(["--max-streams-per-user", "1000000"])
-            .args(["--max-rooms-per-stream", "100000"])
-            .args(["--history-on-join", "0"])
+                "--max-streams-per-user",
+                "1000000",
+                "--max-rooms-per-stream",
+                "100000",
+                "--history-on-join",
+                "0",
+            ]
+            .map(OsString::from),
+        );
+        // Its warnings (a stalled reader ended, say) belong in the run's output.
+        let mut spawned =
+            Self::start(binary, &args, &listen, "http", pin, Stdio::inherit()).await?;
+        spawned._data = data;
+        Ok(spawned)
+    }
+
+    /// Starts nats-server (`binary`, the distribution's package) with its defaults.
+    pub async fn nats(binary: &Path, pin: bool) -> anyhow::Result<Self> {
+        let listen = free_address()?;
+        let (host, port) = listen.split_once(':').expect("host:port");
+        let args = ["-a", host, "-p", port].map(OsString::from);
+        // Its banner does not.
+        Self::start(binary, &args, &listen, "nats", pin, Stdio::null()).await
+    }
+
+    /// Starts `binary args…`, under `taskset -c 0` when `pin`, and waits until it listens.
+    async fn start(
+        binary: &Path,
+        args: &[OsString],
+        listen: &str,
+        scheme: &str,
+        pin: bool,
+        stderr: Stdio,
+    ) -> anyhow::Result<Self> {
+        let mut command = if pin {
+            let mut command = Command::new("taskset");
+            command.args(["-c", "0"]).arg(binary);
+            command
+        } else {
+            Command::new(binary)
+        };
+        command
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         let child = command
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
         let spawned = Self {
             child,
-            url: format!("http://{listen}"),
+            url: format!("{scheme}://{listen}"),
+            _data: None,
         };
         for _ in 0..200 {
-            if tokio::net::TcpStream::connect(&listen).await.is_ok() {
+            if tokio::net::TcpStream::connect(listen).await.is_ok() {
                 return Ok(spawned);
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -72,6 +128,22 @@ impl Drop for Spawned {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A free loopback address, picked by the OS; the server binds it a moment later.
+fn free_address() -> anyhow::Result<String> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    Ok(format!("127.0.0.1:{port}"))
+}
+
+/// `nats-server` on the PATH (Debian's package installs it in /usr/bin).
+pub fn nats_server() -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file())
+        .context("nats-server is not installed (apt-get install nats-server), or pass --nats-bin")
 }
 
 /// The `confab-server` beside this binary (both are built into the same target dir).

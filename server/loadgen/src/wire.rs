@@ -1,4 +1,4 @@
-//! Talking to the server cheaply enough that the load generator is not what is measured.
+//! Talking to Confab cheaply enough that the load generator is not what is measured.
 //!
 //! Publishers encode their frames with the generated types. Subscribers never decode a
 //! response: `confab::codec::RawCodec` hands each frame over as bytes, and [`stamp`] finds the
@@ -92,10 +92,7 @@ pub fn join(request_id: u64, room: &str) -> Bytes {
 /// A message to `room` marked with `intended` (µs since the epoch) and `number`, padded
 /// with `x` to `payload` bytes of text.
 pub fn message(request_id: u64, room: &str, intended: u64, number: u64, payload: usize) -> Bytes {
-    let mut text = format!("@{intended:016}{number:010}@");
-    if text.len() < payload {
-        text.extend(std::iter::repeat_n('x', payload - text.len()));
-    }
+    let text = marked_text(intended, number, payload);
     frame(
         request_id,
         Command::Send(pb::OutgoingMessage {
@@ -105,6 +102,16 @@ pub fn message(request_id: u64, room: &str, intended: u64, number: u64, payload:
             kind: pb::MessageKind::Text as i32,
         }),
     )
+}
+
+/// A message's text: the marker of `intended` (µs since the epoch) and `number`, padded
+/// with `x` to `payload` bytes.
+pub fn marked_text(intended: u64, number: u64, payload: usize) -> String {
+    let mut text = format!("@{intended:016}{number:010}@");
+    if text.len() < payload {
+        text.extend(std::iter::repeat_n('x', payload - text.len()));
+    }
+    text
 }
 
 /// The marker of a message event: its intended send time (µs) and number.
