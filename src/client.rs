@@ -35,6 +35,10 @@ pub type Rpc = ChatServiceClient<InterceptedService<Channel, Credentials>>;
 
 /// How many frames a [`ChatStream`] queues before `send` waits for the network.
 const OUTBOUND_QUEUE: usize = 64;
+/// A connection silent this long is pinged (the server's default too).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a ping may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What can go wrong in the client library.
 #[derive(Debug, thiserror::Error)]
@@ -245,8 +249,11 @@ impl Client {
             .map_err(invalid)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            // The server's own defaults: a silently dead network is noticed within 80 s
+            // (a server that stops closes its sockets and is noticed at once), and 10,000
+            // quiet clients cost the server a few pings a second each minute, not thousands.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             // h2 closes a connection (ENHANCE_YOUR_CALM) once the server's small DATA
             // frames that the application has not read yet cost more framing overhead

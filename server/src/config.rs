@@ -131,12 +131,16 @@ pub struct Config {
     #[arg(long, env = "CONFAB_NICKNAME_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub nickname_lease: Duration,
 
-    /// HTTP/2 keepalive ping interval; a dead connection is noticed within interval + timeout.
-    #[arg(long, env = "CONFAB_KEEPALIVE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    /// HTTP/2 keepalive: a connection that has sent nothing for this long is pinged, and a
+    /// silently dead network is noticed within interval + timeout (80 s by default). A
+    /// client whose process ends closes its socket and is seen at once; pings only find
+    /// networks that vanish without a word, and every ping costs the server CPU (10,000
+    /// quiet users at 2 s cost 10 % of a core, at 60 s 0.6 %: see BENCHMARKS.md).
+    #[arg(long, env = "CONFAB_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,
 
     /// How long a keepalive ping may go unanswered before the connection is closed.
-    #[arg(long, env = "CONFAB_KEEPALIVE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CONFAB_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
     /// On shutdown, how long to wait for streams to end before closing connections.
