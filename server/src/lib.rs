@@ -28,7 +28,8 @@
 //! * [`cursor_set`]: the cursors of every room a stream reads, polled by readiness.
 //! * [`outbound`]: the sending half of a server stream, and how a stream ends.
 //! * [`store`]: the local engine's storage (SQLite, or memory).
-//! * [`connection`]: accepted connections: counted per address, small writes coalesced.
+//! * [`connection`]: accepted connections, counted per address.
+//! * [`coalesce`]: a connection's small writes, gathered across its streams when that pays.
 //! * [`limits`]: flood control (send rate, room creation, connections, streams, rooms).
 //! * [`metrics`]: the Prometheus figures and their endpoint.
 //! * [`validate`], [`pagination`], [`error`]: checks of client input and how failures
@@ -37,6 +38,7 @@
 //! `main.rs` only parses flags, sets up logging, binds, opens the server and serves.
 
 pub mod auth;
+pub mod coalesce;
 pub mod config;
 pub mod connection;
 pub mod cursor;
