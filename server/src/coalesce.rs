@@ -12,10 +12,11 @@
 //! That wait pays only where other writes come during it. A user's own connection, with
 //! its one `Chat` stream, has none at light load: there the wait is one more run of the
 //! connection's task per delivery, and the gathering one more copy of every byte. So the
-//! connection learns: after a wait that gathered nothing more it writes straight through
-//! (vectored, no copy, no wait), and tries waiting again every [`PROBE_EVERY`] flushes;
-//! after a wait that did gather, it keeps waiting. A busy shared connection gathers on
-//! every flush; a quiet or single-stream one costs the writes and nothing else.
+//! connection learns: after [`GIVE_UP`] waits in a row that gathered nothing more, it
+//! writes straight through (vectored, no copy, no wait), and tries waiting again every
+//! [`PROBE_EVERY`] flushes; one wait that gathers puts it back to waiting. A busy shared
+//! connection gathers on (nearly) every flush; a quiet or single-stream one costs the
+//! writes and nothing else.
 
 use std::{
     io::IoSlice,
@@ -29,8 +30,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const DIRECT_WRITE: usize = 16 * 1024;
 /// The most bytes gathered before they are written regardless.
 pub const GATHER_LIMIT: usize = 64 * 1024;
-/// After a wait that gathered nothing, how many flushes go straight through before the
-/// next try.
+/// Waits in a row that gathered nothing, after which flushes go straight through.
+pub const GIVE_UP: u8 = 8;
+/// Once going straight through, how many flushes go so before the next wait is tried.
 pub const PROBE_EVERY: u8 = 16;
 
 /// A writer whose small writes are gathered across a scheduler turn when that pays.
@@ -42,8 +44,8 @@ pub struct Coalescing<W> {
     waiting_since: Option<usize>,
     /// This flush cycle's choice (from its first write until its flush): gather or not.
     gathering: Option<bool>,
-    /// Whether the last wait gathered more writes.
-    worth_waiting: bool,
+    /// Waits in a row that gathered nothing more (up to [`GIVE_UP`]).
+    useless_waits: u8,
     /// Flushes written straight through since the last wait.
     direct_flushes: u8,
 }
@@ -55,7 +57,7 @@ impl<W> Coalescing<W> {
             pending: Vec::new(),
             waiting_since: None,
             gathering: None,
-            worth_waiting: false,
+            useless_waits: 0,
             direct_flushes: 0,
         }
     }
@@ -68,7 +70,7 @@ impl<W> Coalescing<W> {
     /// Whether this flush cycle gathers: decided at its first write.
     fn gathers(&mut self) -> bool {
         *self.gathering.get_or_insert_with(|| {
-            if self.worth_waiting || self.direct_flushes >= PROBE_EVERY {
+            if self.useless_waits < GIVE_UP || self.direct_flushes >= PROBE_EVERY {
                 true
             } else {
                 self.direct_flushes += 1;
@@ -166,7 +168,10 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Coalescing<W> {
                     return Poll::Pending;
                 }
                 Some(before) if self.gathering.is_some() => {
-                    self.worth_waiting = self.pending.len() > before;
+                    self.useless_waits = match self.pending.len() > before {
+                        true => 0,
+                        false => (self.useless_waits + 1).min(GIVE_UP),
+                    };
                     self.direct_flushes = 0;
                     // Learned once per cycle, however many polls the drain takes.
                     self.gathering = None;
@@ -211,13 +216,6 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         (Coalescing::new(server), client)
-    }
-
-    /// A writer that has just seen a wait gather more, so that it gathers from the start.
-    async fn gathering_pair() -> (Coalescing<TcpStream>, TcpStream) {
-        let (mut server, peer) = pair().await;
-        server.worth_waiting = true;
-        (server, peer)
     }
 
     /// Exactly `n` bytes from the peer, waiting for them (with a deadline).
@@ -272,7 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn small_writes_are_gathered_until_a_flush_one_turn_later() {
-        let (mut server, mut peer) = gathering_pair().await;
+        let (mut server, mut peer) = pair().await;
         for chunk in [&b"one "[..], b"two ", b"three"] {
             server.write_all(chunk).await.unwrap();
         }
@@ -287,18 +285,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_whose_waits_gather_nothing_writes_straight_through() {
-        let (mut server, mut peer) = gathering_pair().await;
-        // A wait that nothing joined: the next flushes neither copy nor wait.
-        server.write_all(b"lone").await.unwrap();
-        assert!(flush_waits(&mut server));
-        assert!(!flush_waits(&mut server));
-        assert_eq!(receive(&mut peer, 4).await, b"lone");
+        let (mut server, mut peer) = pair().await;
+        // Waits that nothing joined, GIVE_UP of them in a row.
+        for n in 0..GIVE_UP {
+            server.write_all(&[n]).await.unwrap();
+            assert!(flush_waits(&mut server), "wait {n}");
+            assert!(!flush_waits(&mut server));
+            assert_eq!(receive(&mut peer, 1).await, [n]);
+        }
+        // From then on, flushes neither copy nor wait.
         for n in 0..PROBE_EVERY {
             server.write_all(&[n]).await.unwrap();
             assert_eq!(receive(&mut peer, 1).await, [n], "written before any flush");
             assert!(!flush_waits(&mut server), "no wait");
         }
-        // Then it tries a wait again; this time more comes during it, so it keeps waiting.
+        // Then it tries a wait again; this time more comes during it, so it waits again.
         server.write_all(b"a").await.unwrap();
         assert!(nothing_received(&mut peer).await, "gathered again");
         assert!(flush_waits(&mut server));
@@ -306,14 +307,14 @@ mod tests {
         assert!(!flush_waits(&mut server));
         assert_eq!(receive(&mut peer, 2).await, b"ab");
         server.write_all(b"c").await.unwrap();
-        assert!(flush_waits(&mut server), "a wait that gathered is kept");
+        assert!(flush_waits(&mut server), "one wait that gathered is enough");
         assert!(!flush_waits(&mut server));
         assert_eq!(receive(&mut peer, 1).await, b"c");
     }
 
     #[tokio::test]
     async fn a_large_write_goes_straight_out() {
-        let (mut server, mut peer) = gathering_pair().await;
+        let (mut server, mut peer) = pair().await;
         let large = vec![7u8; DIRECT_WRITE];
         let written = server.write(&large).await.unwrap();
         assert!(written > 0);
@@ -326,7 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn gathering_stops_at_its_limit_and_writes_what_it_holds() {
-        let (mut server, mut peer) = gathering_pair().await;
+        let (mut server, mut peer) = pair().await;
         let chunk = vec![1u8; 1024];
         for _ in 0..GATHER_LIMIT / chunk.len() {
             server.write_all(&chunk).await.unwrap();
