@@ -156,8 +156,8 @@ struct Compare {
     /// With --rooms: subscribers per room.
     #[arg(long, default_value_t = 10, requires = "rooms")]
     per_room: usize,
-    /// Messages per second: from the publisher (fan-out) [default: 1000], or into each
-    /// room (--rooms) [default: 20].
+    /// Messages per second: from the publisher (fan-out) [default: 100], or into each
+    /// room (--rooms) [default: 1]. bench-compare.sh sweeps the rates of BENCHMARKS.md.
     #[arg(long)]
     rate: Option<f64>,
     /// Text bytes per message.
@@ -275,13 +275,13 @@ async fn compare(compare: &Compare, common: &Common) -> anyhow::Result<Compariso
         (None, Some(rooms)) => Scenario::Rooms(Rooms {
             rooms,
             per_room: compare.per_room,
-            rate: compare.rate.unwrap_or(20.0),
+            rate: compare.rate.unwrap_or(1.0),
             payload: compare.payload,
             connections: compare.connections,
         }),
         (None, None) => Scenario::Fanout(Fanout {
             subscribers: compare.subscribers,
-            rate: compare.rate.unwrap_or(1000.0),
+            rate: compare.rate.unwrap_or(100.0),
             payload: compare.payload,
             connections: compare.connections,
         }),
