@@ -117,7 +117,7 @@ impl Link {
             Self::Confab(connection) => Outlet::confab(connection, rooms).await,
             Self::Nats(client) => Ok(Outlet::Nats {
                 client: client.clone(),
-                subjects: rooms.iter().map(|room| subject(room)).collect(),
+                subjects: rooms.iter().map(|room| subject(room).into()).collect(),
             }),
         }
     }
@@ -165,7 +165,8 @@ pub enum Outlet {
     },
     Nats {
         client: async_nats::Client,
-        subjects: Vec<String>,
+        /// Shared bytes: a publish clones a reference, not the name.
+        subjects: Vec<async_nats::Subject>,
     },
 }
 
