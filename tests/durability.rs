@@ -227,6 +227,64 @@ on_every_engine!(
     tokio::test(flavor = "multi_thread", worker_threads = 2)
 );
 
+/// The same for a `Subscribe` stream: one that is not read while 20,000 messages flow is
+/// ended with RESOURCE_EXHAUSTED after what reached it, and a new one from its last seq
+/// brings every message, in order, once each.
+async fn a_stalled_subscription_is_ended_and_resumes_without_loss(engine: Engine) {
+    const MESSAGES: u64 = 20_000;
+    let config = Config {
+        stall_timeout: Duration::from_millis(100),
+        ..common::config()
+    };
+    let server = TestServer::with_on(engine, config).await;
+    let brisk_client = server.client("brisk").await;
+    let mut brisk = Events::open(&brisk_client).await;
+    brisk.join("flood", None).await;
+    let reader = server.client("reader").await;
+    let mut stalled = subscribe(&reader, "flood", None).await;
+    let publishing = common::flood(server.client("publisher").await, "flood", MESSAGES);
+    assert_eq!(
+        brisk.seqs(MESSAGES as usize).await,
+        (1..=MESSAGES).collect::<Vec<_>>(),
+        "the brisk reader keeps up while the subscription reads nothing"
+    );
+    within("the batch", publishing).await.unwrap().unwrap();
+
+    let mut got = Vec::new();
+    let status = within("the stalled subscription's end", async {
+        loop {
+            match stalled.message().await {
+                Ok(Some(response)) => {
+                    if let Some(pb::subscribe_response::Event::Message(m)) = response.event {
+                        got.push(m.seq);
+                    }
+                }
+                Ok(None) => panic!("the stalled subscription ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!((got.len() as u64) < MESSAGES);
+
+    let mut resumed = subscribe(&reader, "flood", got.last().copied()).await;
+    while got.len() < MESSAGES as usize {
+        let response = within("the resumed subscription", resumed.message())
+            .await
+            .expect("the resumed subscription")
+            .expect("the resumed subscription ended");
+        if let Some(pb::subscribe_response::Event::Message(m)) = response.event {
+            got.push(m.seq);
+        }
+    }
+    assert_eq!(got, (1..=MESSAGES).collect::<Vec<_>>());
+}
+on_every_engine!(
+    a_stalled_subscription_is_ended_and_resumes_without_loss,
+    tokio::test(flavor = "multi_thread", worker_threads = 2)
+);
+
 /// A retried client_msg_id is stored once and acked with the original seq, also after a
 /// restart, on Chat, Publish and PublishBatch alike.
 async fn retries_are_stored_once_even_after_a_restart(engine: Engine) {

@@ -8,7 +8,7 @@
 //!                                              │                   │ append   ▲ feed
 //!                                              │                   ▼          │
 //!                                              │               engine: local (store) | redis
-//!                                              ◄─ outbound ◄─ cursor per joined room
+//!                                              ◄─ outbound (body) ◄─ cursor per joined room
 //! ```
 //!
 //! * [`server`]: [`server::Ready::open`] checks the settings and opens the store;
@@ -26,7 +26,9 @@
 //!   state, nicknames, presence, the feed): local (SQLite or memory) or Redis.
 //! * [`cursor`]: one reader in one room: replay, live, catch-up; no gaps, no duplicates.
 //! * [`cursor_set`]: the cursors of every room a stream reads, polled by readiness.
-//! * [`outbound`]: the sending half of a server stream, and how a stream ends.
+//! * [`outbound`]: a server stream's two halves: the response body, which pulls the
+//!   rooms' events itself, and the task's, for replies and how the stream ends.
+//! * [`stall`]: the watchdog that finds streams whose client stopped reading.
 //! * [`store`]: the local engine's storage (SQLite, or memory).
 //! * [`connection`]: accepted connections, counted per address.
 //! * [`coalesce`]: a connection's small writes, gathered across its streams when that pays.
@@ -54,6 +56,7 @@ pub mod pagination;
 pub mod rpc;
 pub mod server;
 pub mod session;
+pub mod stall;
 pub mod store;
 pub mod validate;
 

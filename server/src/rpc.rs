@@ -8,23 +8,23 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use confab::pb::{self, chat_service_server::ChatService, subscribe_response};
-use futures::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use crate::{
     auth::{AuthMode, Identity, Nicknames, ProviderToken, caller},
-    cursor::{Cursor, Delivery},
+    cursor::Cursor,
     cursor_set::CursorSet,
     error::{ChatError, quote},
-    hub::{Hub, RoomEvent},
+    hub::Hub,
     limits::StreamGuard,
     metrics::Held,
     nickname,
     outbound::{End, Events, Outbound, reconnect_notice},
     pagination,
     session::Session,
+    stall::Watchdog,
     validate,
 };
 
@@ -41,8 +41,8 @@ pub struct ChatServer {
     shutdown: CancellationToken,
     /// The longest message text, in bytes.
     max_text_bytes: usize,
-    /// How long a stream may wait for a client that reads nothing.
-    stall_timeout: std::time::Duration,
+    /// Finds the streams whose client stopped reading.
+    watchdog: Arc<Watchdog>,
 }
 
 impl ChatServer {
@@ -53,7 +53,7 @@ impl ChatServer {
         nicknames: Arc<Nicknames>,
         shutdown: CancellationToken,
         max_text_bytes: usize,
-        stall_timeout: std::time::Duration,
+        watchdog: Arc<Watchdog>,
     ) -> Self {
         Self {
             hub,
@@ -61,7 +61,7 @@ impl ChatServer {
             nicknames,
             shutdown,
             max_text_bytes,
-            stall_timeout,
+            watchdog,
         }
     }
 
@@ -468,12 +468,13 @@ impl ChatService for ChatServer {
         let open = (Held::new(&self.hub.metrics().subscribe_streams), guard);
         let (out, stream) = Outbound::channel(
             self.shutdown.clone(),
-            self.stall_timeout,
+            &self.watchdog,
             self.hub.metrics().clone(),
+            cursors,
         );
         let rooms: Vec<&str> = request.rooms.iter().map(|r| r.room.as_str()).collect();
         let span = tracing::info_span!("subscribe", user = %user.nickname, rooms = ?rooms);
-        tokio::spawn(tail(cursors, out, open).instrument(span));
+        tokio::spawn(tail(out, open).instrument(span));
         Ok(Response::new(stream))
     }
 
@@ -502,8 +503,9 @@ impl ChatService for ChatServer {
         );
         let (out, stream) = Outbound::channel(
             self.shutdown.clone(),
-            self.stall_timeout,
+            &self.watchdog,
             self.hub.metrics().clone(),
+            CursorSet::default(),
         );
         tokio::spawn(session.run(request.into_inner(), out).instrument(span));
         Ok(Response::new(stream))
@@ -524,52 +526,17 @@ fn parse_history_position(
     }
 }
 
-/// The task behind a `Subscribe` call: messages and gaps of every tailed room, in seq
-/// order per room, pulled only as fast as the client reads them.
-async fn tail(
-    mut cursors: CursorSet,
-    out: Outbound<pb::SubscribeResponse>,
-    _open: (Held, StreamGuard),
-) {
-    use subscribe_response::Event;
-    let end = loop {
-        let step = tokio::select! {
-            biased;
-            _ = out.shutdown() => Err(End::Shutdown),
-            _ = out.closed() => Err(End::ClientGone),
-            next = cursors.next() => match next {
-                Some((room, Ok(delivery))) => {
-                    let event = match delivery {
-                        Delivery::Event(RoomEvent::Message(message)) => Some(Event::Message(message)),
-                        Delivery::Gap { .. } | Delivery::Reset { .. } => {
-                            delivery.history_gap(&room).map(Event::Gap)
-                        }
-                        // A subscription is a read-only tail of messages (and has no
-                        // presence to be put out of); a cursor turns the ring's reset into
-                        // `Delivery::Reset`.
-                        Delivery::Event(
-                            RoomEvent::Presence(_)
-                            | RoomEvent::Typing(_)
-                            | RoomEvent::Updated(_)
-                            | RoomEvent::Reset(_),
-                        )
-                        | Delivery::Removed(_) => None,
-                    };
-                    match event {
-                        Some(event) => out.send(pb::SubscribeResponse { event: Some(event) }).await,
-                        None => Ok(()),
-                    }
-                }
-                Some((_, Err(error))) => Err(End::Failed(error.into())),
-                None => Err(End::ClientDone),
-            },
-        };
-        if let Err(end) = step {
-            break end;
-        }
+/// The task behind a `Subscribe` call. The response body pulls the tailed rooms' messages
+/// and gaps, in seq order per room, only as fast as the client reads them; the task ends
+/// the stream on shutdown or a stall, and goes when the client does.
+async fn tail(out: Outbound<pb::SubscribeResponse>, _open: (Held, StreamGuard)) {
+    let end = tokio::select! {
+        biased;
+        () = out.shutdown() => End::Shutdown,
+        () = out.closed() => End::ClientGone,
+        end = out.stalled() => end,
     };
-    drop(cursors);
     out.finish(end, || pb::SubscribeResponse {
-        event: Some(Event::Reconnect(reconnect_notice())),
+        event: Some(subscribe_response::Event::Reconnect(reconnect_notice())),
     });
 }

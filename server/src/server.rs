@@ -29,6 +29,7 @@ use crate::{
     limits::Limits,
     metrics::Metrics,
     rpc::ChatServer,
+    stall::Watchdog,
     store::{MemoryStore, SqliteStore, Store, StoreError},
 };
 
@@ -231,6 +232,8 @@ impl Ready {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ChatServiceServer<ChatServer>>().await;
         let mut housekeeping = self.spawn_housekeeping(metrics_listener, &drain);
+        let watchdog = Watchdog::new(self.config.stall_timeout);
+        housekeeping.push(tokio::spawn(watchdog.clone().run()));
         housekeeping.push(tokio::spawn(follow_engine(
             self.engine.clone(),
             health.clone(),
@@ -265,7 +268,7 @@ impl Ready {
             .add_service(compressed!(health_service))
             .add_service(compressed!(reflection().build_v1()?))
             .add_service(compressed!(reflection().build_v1alpha()?))
-            .add_service(self.chat_service(&drain))
+            .add_service(self.chat_service(&drain, watchdog))
             .serve_with_incoming_shutdown(incoming, signal);
 
         let grace = self.config.shutdown_grace;
@@ -298,6 +301,7 @@ impl Ready {
     fn chat_service(
         &self,
         drain: &CancellationToken,
+        watchdog: Arc<Watchdog>,
     ) -> InterceptedService<ChatServiceServer<ChatServer>, Authenticator> {
         let chat = ChatServer::new(
             self.hub.clone(),
@@ -305,7 +309,7 @@ impl Ready {
             self.nicknames.clone(),
             drain.clone(),
             self.config.max_text_bytes,
-            self.config.stall_timeout,
+            watchdog,
         );
         let chat = compressed!(ChatServiceServer::new(chat))
             .max_decoding_message_size(self.config.max_message_bytes)

@@ -4,27 +4,27 @@
 //!
 //! * the server drains → tell the client to reconnect, end with UNAVAILABLE;
 //! * the client goes away (response stream dropped) → stop at once;
+//! * the client stopped reading for the stall timeout → end with RESOURCE_EXHAUSTED;
+//! * the owner of a room put the client out → leave it;
 //! * a frame arrives → [`Session::apply`] it; a bad command gets an error event carrying
-//!   its `request_id` and the stream goes on;
-//! * a joined room has an event → send it, waiting while the client is not reading.
+//!   its `request_id` and the stream goes on.
 //!
-//! Events are pulled from the room cursors only when the loop is ready to send, so a slow
-//! client slows nobody but itself. When the loop ends, the session is dropped, and with it
-//! every cursor and [`Presence`]: the user leaves each room and the others see it at once.
+//! Room events do not pass through here: the response body pulls them from the cursors the
+//! session hands it ([`Outbound::follow`]), when the client's window has room. When the
+//! loop ends, the session is dropped, and with it every cursor and [`Presence`]: the user
+//! leaves each room and the others see it at once.
 
 use std::{collections::HashMap, sync::Arc};
 
 use confab::pb::{self, ChatRequest, ChatResponse, chat_request::Command, chat_response::Event};
-use futures::{FutureExt as _, StreamExt as _, stream};
+use futures::{StreamExt as _, stream};
 use tonic::Streaming;
 
 use crate::{
     auth::{AuthMode, Identity, StreamClaim},
     cursor::{Delivery, DeliveryStream},
-    cursor_set::CursorSet,
-    engine::Removal,
     error::{ChatError, quote},
-    hub::{Hub, Moderation, Presence, RoomEvent},
+    hub::{Hub, Moderation, Presence},
     limits::StreamGuard,
     metrics::Held,
     nickname,
@@ -88,103 +88,60 @@ impl Session {
         out: Outbound<ChatResponse>,
     ) -> impl Future<Output = ()> + Send {
         async move {
-            let mut cursors = CursorSet::default();
-            let end = self.serve(&mut inbound, &out, &mut cursors).await;
+            let end = self.serve(&mut inbound, &out).await;
             tracing::debug!(?end, "chat stream ended");
             // Leave every room before the final words, so presence is prompt even when the
             // client is too stalled to take them.
-            drop(cursors);
             self.rooms.clear();
             out.finish(end, || push(Event::Reconnect(reconnect_notice())));
         }
     }
 
-    /// The session's loop: client frames and room events, until the stream ends, and why.
+    /// The session's loop: client frames and what the body reports, until the stream
+    /// ends, and why.
     async fn serve(
         &mut self,
         inbound: &mut Streaming<ChatRequest>,
         out: &Outbound<ChatResponse>,
-        cursors: &mut CursorSet,
     ) -> End {
         // Made once and kept: a wait registered anew on every turn of the loop would cost
-        // two registrations and two removals per delivery.
+        // a registration and a removal per frame.
         let shutdown = out.shutdown();
         let closed = out.closed();
-        tokio::pin!(shutdown, closed);
+        let stalled = out.stalled();
+        tokio::pin!(shutdown, closed, stalled);
         loop {
-            // Shutdown and a vanished client come first; between the client's frames and
-            // the rooms' events the choice is fair, so a client sending a burst still
-            // receives, and a busy room does not keep a client from sending.
-            let step = tokio::select! {
+            let frame = tokio::select! {
                 biased;
-                () = &mut shutdown => Err(End::Shutdown),
-                () = &mut closed => Err(End::ClientGone),
-                step = next_step(inbound, cursors) => step,
+                () = &mut shutdown => return End::Shutdown,
+                () = &mut closed => return End::ClientGone,
+                end = &mut stalled => return end,
+                () = out.put_out_notice() => None,
+                frame = inbound.message() => match frame {
+                    Ok(Some(frame)) => Some(frame),
+                    Ok(None) => return End::ClientDone,
+                    Err(status) => return inbound_failure(status),
+                },
             };
-            let step = match step {
-                Err(end) => Err(end),
+            // Rooms the client was put out of are left before any frame is applied, so a
+            // command sees the rooms as the client was told they are.
+            self.leave_put_out(out);
+            if let Some(frame) = frame {
                 // Boxed: a command's future is the largest of the loop's (1.4 KB), and
                 // inline it would sit in every open stream's task while idle; commands
                 // are rare beside deliveries, so one allocation each is the cheaper side.
-                Ok(Step::Frame(frame)) => Box::pin(self.apply(frame, out, cursors)).await,
-                Ok(Step::Deliver(room, delivery)) => {
-                    match self.deliver(room, delivery, out, cursors).await {
-                        Ok(()) => self.deliver_ready(out, cursors).await,
-                        Err(end) => Err(end),
-                    }
+                if let Err(end) = Box::pin(self.apply(frame, out)).await {
+                    return end;
                 }
-            };
-            if let Err(end) = step {
-                return end;
             }
         }
-    }
-
-    /// Sends one room event to the client (leaving the room first if it is a removal).
-    async fn deliver(
-        &mut self,
-        room: Arc<str>,
-        delivery: Delivery,
-        out: &Outbound<ChatResponse>,
-        cursors: &mut CursorSet,
-    ) -> Result<(), End> {
-        if let Delivery::Removed(removal) = &delivery {
-            self.put_out(&room, removal, cursors);
-        }
-        out.send(push(chat_event(&room, delivery))).await
-    }
-
-    /// Sends whatever else the rooms have ready, while the client's stream has room, up to
-    /// a batch: one wake-up of this task then carries many deliveries (and tonic encodes
-    /// them into one write), instead of one trip through the main loop each. The batch
-    /// bound keeps the client's own frames from waiting behind a busy room.
-    async fn deliver_ready(
-        &mut self,
-        out: &Outbound<ChatResponse>,
-        cursors: &mut CursorSet,
-    ) -> Result<(), End> {
-        for _ in 0..DELIVERY_BATCH {
-            if !out.has_room() {
-                break;
-            }
-            match cursors.next().now_or_never() {
-                Some(Some((room, Ok(delivery)))) => {
-                    self.deliver(room, delivery, out, cursors).await?
-                }
-                Some(Some((_, Err(error)))) => return Err(End::Failed(error.into())),
-                Some(None) | None => break,
-            }
-        }
-        Ok(())
     }
 
     /// Applies one client frame and sends its reply.
-    async fn apply(
-        &mut self,
-        frame: ChatRequest,
-        out: &Outbound<ChatResponse>,
-        cursors: &mut CursorSet,
-    ) -> Result<(), End> {
+    async fn apply(&mut self, frame: ChatRequest, out: &Outbound<ChatResponse>) -> Result<(), End> {
+        // No room event goes out until the reply has: `Joined` before the history that
+        // follows it, an `Ack` before the message it acks.
+        let _hold = out.hold();
         let request_id = frame.request_id;
         let Some(command) = frame.command else {
             let error = ChatError::invalid(
@@ -205,13 +162,13 @@ impl Session {
                     // sees `joined` before the history that follows it.
                     out.send(reply_to(request_id, Event::Joined(joined)))
                         .await?;
-                    cursors.insert(&room, stream);
+                    out.follow(&room, stream);
                     return Ok(());
                 }
                 Err(error) => Err(error.within("join")),
             },
             Command::Leave(leave) => self
-                .leave(&leave.room, cursors)
+                .leave(&leave.room, out)
                 .await
                 .map(|room| {
                     Some(Event::Left(pb::Left {
@@ -348,9 +305,13 @@ impl Session {
         Ok((joined, join.room, Box::pin(deliveries)))
     }
 
-    async fn leave(&mut self, room: &str, cursors: &mut CursorSet) -> Result<String, ChatError> {
+    async fn leave(
+        &mut self,
+        room: &str,
+        out: &Outbound<ChatResponse>,
+    ) -> Result<String, ChatError> {
         self.joined("room", room).await?;
-        cursors.remove(room);
+        out.unfollow(room);
         self.rooms.remove(room);
         Ok(room.to_owned())
     }
@@ -410,11 +371,13 @@ impl Session {
         }))
     }
 
-    /// Leaves `room` because its owner put this user out.
-    fn put_out(&mut self, room: &str, removal: &Removal, cursors: &mut CursorSet) {
-        tracing::info!(room, by = %removal.by, reason = ?removal.reason, "put out of a room");
-        cursors.remove(room);
-        self.rooms.remove(room);
+    /// Leaves the rooms whose owner put this user out (the body has stopped their events
+    /// and told the client).
+    fn leave_put_out(&mut self, out: &Outbound<ChatResponse>) {
+        for (room, removal) in out.put_out() {
+            tracing::info!(%room, by = %removal.by, reason = ?removal.reason, "put out of a room");
+            self.rooms.remove(&*room);
+        }
     }
 
     /// Checks that `room` (a valid name) is joined on this stream: NOT_FOUND for no such
@@ -434,36 +397,6 @@ impl Session {
     }
 }
 
-/// Most room events sent per wake-up before the session looks at the client's frames again.
-const DELIVERY_BATCH: usize = 32;
-
-/// What the session does next.
-enum Step {
-    /// Apply a client frame.
-    Frame(ChatRequest),
-    /// Send a room's event.
-    Deliver(Arc<str>, Delivery),
-}
-
-/// Waits for the next frame or room event, whichever comes first (fairly, when both are
-/// ready); the stream's end or failure ends the session.
-async fn next_step(
-    inbound: &mut Streaming<ChatRequest>,
-    cursors: &mut CursorSet,
-) -> Result<Step, End> {
-    tokio::select! {
-        frame = inbound.message() => match frame {
-            Ok(Some(frame)) => Ok(Step::Frame(frame)),
-            Ok(None) => Err(End::ClientDone),
-            Err(status) => Err(inbound_failure(status)),
-        },
-        Some((room, delivery)) = cursors.next(), if !cursors.is_empty() => match delivery {
-            Ok(delivery) => Ok(Step::Deliver(room, delivery)),
-            Err(error) => Err(End::Failed(error.into())),
-        },
-    }
-}
-
 /// A decode failure or a frame over the size limit ends the stream with its status: the
 /// framing cannot be trusted after it.
 fn inbound_failure(status: tonic::Status) -> End {
@@ -471,34 +404,6 @@ fn inbound_failure(status: tonic::Status) -> End {
         End::ClientGone
     } else {
         End::Failed(status)
-    }
-}
-
-/// A room's delivery as a `Chat` event.
-fn chat_event(room: &str, delivery: Delivery) -> Event {
-    match delivery {
-        Delivery::Event(RoomEvent::Message(message)) => Event::Message(message),
-        Delivery::Event(RoomEvent::Presence(presence)) => Event::Presence((*presence).clone()),
-        Delivery::Event(RoomEvent::Typing(typing)) => Event::Typing((*typing).clone()),
-        Delivery::Event(RoomEvent::Updated(update)) => Event::RoomUpdated((*update).clone()),
-        // A cursor turns the ring's reset into `Delivery::Reset`, with the reader's place.
-        Delivery::Event(RoomEvent::Reset(epoch)) => Event::Gap(pb::HistoryGap {
-            room: room.to_owned(),
-            reset: true,
-            epoch,
-            ..Default::default()
-        }),
-        Delivery::Gap { .. } | Delivery::Reset { .. } => Event::Gap(
-            delivery
-                .history_gap(room)
-                .unwrap_or_else(|| unreachable!("a gap or reset")),
-        ),
-        Delivery::Removed(removal) => Event::Left(pb::Left {
-            room: room.to_owned(),
-            reason: removal.reason as i32,
-            by: removal.by.clone(),
-            message: removal.message.clone(),
-        }),
     }
 }
 
