@@ -299,7 +299,7 @@ impl Session {
             )
             .await?;
         // The room's events, and, should the owner put this user out, word of it.
-        let removed = stream::once(presence.removed()).map(|r| Ok(Delivery::Removed(r)));
+        let removed = presence.removals().map(|r| Ok(Delivery::Removed(r)));
         let deliveries = stream::select(cursor.into_stream(), removed);
         self.rooms.insert(join.room.clone(), presence);
         Ok((joined, join.room, Box::pin(deliveries)))
