@@ -109,6 +109,66 @@ on_every_engine!(
     tokio::test(flavor = "multi_thread", worker_threads = 2)
 );
 
+/// A command's reply comes before what the command caused, with many commands in flight:
+/// `joined` before the room's history, each `ack` before the sender's own copy of that
+/// message, and nothing of the room after `left`.
+async fn replies_come_before_what_their_commands_caused(engine: Engine) {
+    const MESSAGES: usize = 200;
+    let server = TestServer::start_on(engine).await;
+    let alice = server.client("alice").await;
+    let mut chat = Events::open(&alice).await;
+    let sender = chat.chat.sender();
+    let join = sender.join("r", None).await.unwrap();
+    let mut sent = HashSet::new();
+    for n in 0..MESSAGES {
+        let (_, client_msg_id) = sender.say("r", &format!("m{n}")).await.unwrap();
+        sent.insert(client_msg_id);
+    }
+    let leave = sender.leave("r").await.unwrap();
+    let ping = sender.ping(0).await.unwrap();
+    let (mut joined, mut acked, mut left) = (false, HashSet::new(), false);
+    within("every reply and message", async {
+        loop {
+            let event = chat
+                .chat
+                .next_event()
+                .await
+                .unwrap()
+                .expect("the stream goes on");
+            match event.event {
+                Some(Event::Joined(_)) if event.request_id == join => joined = true,
+                Some(Event::Ack(ack)) => {
+                    assert!(sent.contains(&ack.client_msg_id));
+                    acked.insert(ack.client_msg_id);
+                }
+                Some(Event::Message(message)) => {
+                    assert!(joined, "a message before `joined`");
+                    assert!(!left, "seq {} came after `left`", message.seq);
+                    assert!(
+                        acked.contains(&message.client_msg_id),
+                        "seq {} came before its ack",
+                        message.seq
+                    );
+                }
+                Some(Event::Left(_)) if event.request_id == leave => {
+                    assert_eq!(acked.len(), MESSAGES, "every ack came before `left`");
+                    left = true;
+                }
+                Some(Event::Pong(_)) if event.request_id == ping => {
+                    assert!(left, "`left` before the pong sent after it");
+                    return;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+}
+on_every_engine!(
+    replies_come_before_what_their_commands_caused,
+    tokio::test(flavor = "multi_thread", worker_threads = 2)
+);
+
 /// Joining and leaving are announced to the room, and the member list follows.
 async fn presence_is_announced_on_join_and_leave(engine: Engine) {
     let server = TestServer::start_on(engine).await;

@@ -50,7 +50,8 @@ const MAX_GROUP: usize = 4096;
 /// applied; new steps are appended, never edited.
 const MIGRATIONS: &[&str] = &[
     // 1: rooms and their logs. `head_seq` is the last seq ever assigned, kept apart from
-    // the messages so that numbering survives retention removing all of them.
+    // the messages so that numbering survives retention removing all of them. (Since
+    // round two it is kept lazily: see `HEAD_SEQ`.)
     "CREATE TABLE rooms (
          name          TEXT PRIMARY KEY,
          topic         TEXT NOT NULL,
@@ -305,7 +306,6 @@ fn write_loop(mut connection: Connection, queue: Receiver<Write>) {
 /// Applies one group of writes in one transaction.
 fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError> {
     let tx = connection.transaction()?;
-    let mut heads: HashMap<&str, u64> = HashMap::new();
     {
         let mut insert_room = tx.prepare_cached(
             "INSERT INTO rooms (name, topic, created_at_us, created_by, head_seq, private, epoch)
@@ -338,7 +338,6 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
                         message.client_msg_id,
                         to_micros(super::sent_at(message)),
                     ])?;
-                    heads.insert(&message.room, message.seq);
                 }
                 Write::Topic(room, topic, _) => {
                     tx.prepare_cached("UPDATE rooms SET topic = ?2 WHERE name = ?1")?
@@ -359,11 +358,6 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
                 Write::Close(_) => {}
             }
         }
-        let mut advance =
-            tx.prepare_cached("UPDATE rooms SET head_seq = ?2 WHERE name = ?1 AND head_seq < ?2")?;
-        for (room, head) in heads {
-            advance.execute(params![room, seq_to_sql(head)])?;
-        }
     }
     tx.commit()?;
     Ok(())
@@ -372,6 +366,10 @@ fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError
 /// Removes, per room, the oldest messages beyond the count limit and those older than
 /// the age limit. Only a prefix of each log is ever removed, so what remains is contiguous.
 fn apply_retention(tx: &Transaction<'_>, retention: Retention) -> rusqlite::Result<()> {
+    // The heads are brought up to date before any message goes: after this, a room whose
+    // whole log was removed still numbers on from its last seq.
+    tx.prepare_cached(&format!("UPDATE rooms SET head_seq = {HEAD_SEQ}"))?
+        .execute([])?;
     let rooms: Vec<(String, i64)> = tx
         .prepare_cached("SELECT name, head_seq FROM rooms")?
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
@@ -398,6 +396,14 @@ fn apply_retention(tx: &Transaction<'_>, retention: Retention) -> rusqlite::Resu
     }
     Ok(())
 }
+
+/// A room's head, the last seq ever assigned in it, as SQL over a row of `rooms`: the
+/// greater of its `head_seq` column and its log's last seq. Commits write only the log
+/// (an `UPDATE` of the room's row with every commit was one more B-tree page in the WAL
+/// each time); the column is brought up to date before retention removes messages, so
+/// that numbering survives a log emptied by it.
+const HEAD_SEQ: &str = "MAX(head_seq, COALESCE((SELECT MAX(seq) FROM messages \
+                        WHERE messages.room = rooms.name), 0))";
 
 /// Seqs are u64 in the protocol and INTEGER (i64) in SQLite; no room gets near 2^63.
 fn seq_to_sql(seq: u64) -> i64 {
@@ -435,10 +441,10 @@ impl Store for SqliteStore {
     fn rooms(&self) -> Result<Vec<RoomRecord>, StoreError> {
         self.read(|db| {
             let mut rooms: Vec<RoomRecord> = db
-                .prepare(
-                    "SELECT name, topic, created_at_us, created_by, head_seq, private, epoch
-                     FROM rooms",
-                )?
+                .prepare(&format!(
+                    "SELECT name, topic, created_at_us, created_by, {HEAD_SEQ}, private, \
+                         epoch FROM rooms"
+                ))?
                 .query_map([], |row| {
                     Ok(RoomRecord {
                         name: row.get(0)?,
