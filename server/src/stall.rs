@@ -47,11 +47,6 @@ impl Watchdog {
         })
     }
 
-    /// How long a stream may have output waiting with no poll before it is stalled.
-    pub fn stall_timeout(&self) -> Duration {
-        self.stall_timeout
-    }
-
     /// A watch for a new stream, looked at until its [`Watched`] is dropped.
     pub fn watch(self: &Arc<Self>) -> Watched {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

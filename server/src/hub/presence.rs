@@ -48,14 +48,10 @@ impl Presence {
         new.clone_into(&mut self.user);
     }
 
-    /// Resolves when the owner kicks or bans the user (never, otherwise).
-    pub fn removed(&self) -> impl std::future::Future<Output = Arc<Removal>> + Send + 'static {
-        removed(self.removed.clone())
-    }
-
-    /// [`Self::removed`] as a stream of at most one item, to merge into the room's
-    /// delivery stream, which is polled on every delivery: it looks at the channel's
-    /// version (an atomic load) and polls the wait only when that changed or the waker did.
+    /// The owner's kick or ban of the user, as a stream of at most one item (nothing,
+    /// otherwise), to merge into the room's delivery stream. That stream is polled on every
+    /// delivery, so this looks at the channel's version (an atomic load) and polls the wait
+    /// only when that changed or the waker did.
     pub fn removals(&self) -> Removals {
         Removals::new(self.removed.clone())
     }
