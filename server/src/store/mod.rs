@@ -13,6 +13,7 @@
 //! Engines: [`SqliteStore`], the default (one SQLite file, one writer that commits in
 //! groups), and [`MemoryStore`] (`--in-memory`: nothing survives the process).
 
+mod checkpoint;
 #[cfg(test)]
 mod conformance;
 mod memory;

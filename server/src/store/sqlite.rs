@@ -10,6 +10,7 @@
 //! **Durability.** WAL mode with `synchronous = NORMAL`: a committed transaction is in
 //! the WAL before the callback runs, so it survives a crash of the server process
 //! (`kill -9`). Power loss may take the last commits; that is SQLite's documented trade.
+//! Checkpoints run on a thread of their own ([`Checkpointer`]), not inside a commit.
 //!
 //! **Fail-stop.** If a commit fails (disk full, I/O error), that group and every later
 //! write fail too. Going on would leave holes in a room's seqs.
@@ -36,6 +37,8 @@ use std::{
 
 use confab::{ChatMessage, ChatMessageRecord};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+
+use super::checkpoint::Checkpointer;
 
 use super::{
     Access, Committed, Retention, RoomRecord, SentKey, Store, StoreError, from_micros, to_micros,
@@ -138,11 +141,12 @@ impl SqliteStore {
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         migrate(&mut connection)?;
+        let checkpointer = Checkpointer::attach(&path, &mut connection)?;
 
         let (writes, queue) = mpsc::channel();
         let writer = std::thread::Builder::new()
             .name("confab-store-writer".into())
-            .spawn(move || write_loop(connection, queue))
+            .spawn(move || write_loop(connection, checkpointer, queue))
             .map_err(|e| StoreError::io("cannot start the writer thread", e))?;
         Ok(Self {
             path,
@@ -272,7 +276,7 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// The writer thread: gather a group, commit it, report, repeat.
-fn write_loop(mut connection: Connection, queue: Receiver<Write>) {
+fn write_loop(mut connection: Connection, checkpointer: Checkpointer, queue: Receiver<Write>) {
     let mut failure: Option<StoreError> = None;
     while let Ok(first) = queue.recv() {
         let mut group = vec![first];
@@ -298,6 +302,7 @@ fn write_loop(mut connection: Connection, queue: Receiver<Write>) {
             break;
         }
     }
+    checkpointer.stop(&mut connection);
     if let Err(error) = connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
         tracing::warn!(%error, "checkpoint at close failed");
     }
@@ -721,6 +726,46 @@ mod tests {
         let most = most.into_inner();
         assert!(most > 1, "reads ran side by side: {most}");
         assert!(most <= MAX_READERS, "{most} connections open at once");
+    }
+
+    #[test]
+    fn the_wal_is_copied_in_the_background_and_stays_bounded() {
+        use super::super::checkpoint::HARD_PAGES;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let database = dir.path().join(DATABASE_FILE);
+        let wal = dir.path().join(format!("{DATABASE_FILE}-wal"));
+        let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
+        // The WAL file's high-water mark, in frames of a 4 KiB page.
+        let frames = || size(&wal) / (4096 + 24);
+        let hard = u64::try_from(HARD_PAGES).unwrap();
+        wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
+        let empty = size(&database);
+        let mut seq = 0;
+        let mut append = |store: &SqliteStore| {
+            seq += 1;
+            wait(store, |s, done| {
+                s.append(message("r", seq, &format!("id{seq}")), done)
+            })
+            .unwrap();
+        };
+        // Only a checkpoint writes the database file. The writer checkpoints only at the
+        // hard point, so a file that grows before the WAL got there was the background's.
+        while size(&database) == empty && frames() <= hard {
+            append(&store);
+        }
+        assert!(
+            frames() < hard,
+            "the WAL reached {} frames uncopied",
+            frames()
+        );
+        // Each commit adds a frame at least: without checkpoints the WAL would pass 3 × hard.
+        for _ in 0..3 * hard {
+            append(&store);
+        }
+        assert!(frames() < 2 * hard, "the WAL grew to {} frames", frames());
+        assert_eq!(store.read_after("r", 0, 1).unwrap().len(), 1);
+        assert_eq!(store.rooms().unwrap()[0].head_seq, seq);
     }
 
     #[test]
