@@ -38,10 +38,9 @@ use std::{
 use confab::{ChatMessage, ChatMessageRecord};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
-use super::checkpoint::Checkpointer;
-
 use super::{
-    Access, Committed, Retention, RoomRecord, SentKey, Store, StoreError, from_micros, to_micros,
+    Access, Committed, Retention, RoomRecord, SentKey, Store, StoreError, checkpoint::Checkpointer,
+    from_micros, to_micros,
 };
 
 /// The database file in the data dir.
