@@ -18,6 +18,7 @@ mod checkpoint;
 mod conformance;
 mod memory;
 mod sqlite;
+mod writer;
 
 use std::{
     collections::BTreeMap,
