@@ -18,7 +18,6 @@ mod checkpoint;
 mod conformance;
 mod memory;
 mod sqlite;
-mod writer;
 
 use std::{
     collections::BTreeMap,

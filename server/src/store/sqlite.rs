@@ -1,12 +1,11 @@
 //! [`SqliteStore`]: the default engine, one SQLite file under the data dir.
 //!
-//! **One writer, group commit.** Every write (room, message, retention) queues for the
-//! one write connection ([`Writer`]). One leader at a time takes whatever has queued (up
-//! to [`MAX_GROUP`](super::writer::MAX_GROUP) writes), applies it in one transaction, commits, and then calls each
-//! write's [`Committed`] callback in order. At light load the caller leads and commits its
-//! own write; under load the writer thread leads and groups grow by themselves: while one
-//! commits, the next gathers. One commit serves many messages, which is what lets a
-//! single SQLite file take well over 100,000 messages a second.
+//! **One writer, group commit.** Every write (room, message, retention) goes over a
+//! channel to one thread that owns the write connection. It takes whatever has queued up
+//! (up to [`MAX_GROUP`] writes), applies it in one transaction, commits, and then calls
+//! each write's [`Committed`] callback in order. Under load, groups grow by themselves:
+//! while one commits, the next gathers. One commit serves many messages, which is what
+//! lets a single SQLite file take well over 100,000 messages a second.
 //!
 //! **Durability.** WAL mode with `synchronous = NORMAL`: a committed transaction is in
 //! the WAL before the callback runs, so it survives a crash of the server process
@@ -28,7 +27,11 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        Mutex,
+        mpsc::{self, Receiver, Sender},
+    },
+    thread::JoinHandle,
     time::SystemTime,
 };
 
@@ -37,11 +40,13 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{
     Access, Committed, Retention, RoomRecord, SentKey, Store, StoreError, checkpoint::Checkpointer,
-    from_micros, to_micros, writer::Writer,
+    from_micros, to_micros,
 };
 
 /// The database file in the data dir.
 pub const DATABASE_FILE: &str = "confab.sqlite3";
+/// Most writes one transaction takes.
+const MAX_GROUP: usize = 4096;
 
 /// The schema, one step per version. `PRAGMA user_version` records how many have been
 /// applied; new steps are appended, never edited.
@@ -83,7 +88,7 @@ const MIGRATIONS: &[&str] = &[
      UPDATE rooms SET epoch = lower(hex(randomblob(8)));",
 ];
 
-pub(super) enum Write {
+enum Write {
     Room(RoomRecord, Committed),
     Message(ChatMessage, Committed),
     Topic(String, String, Committed),
@@ -94,12 +99,7 @@ pub(super) enum Write {
 }
 
 impl Write {
-    /// Retention and close can take long: only the writer thread commits them.
-    pub(super) fn is_heavy(&self) -> bool {
-        matches!(self, Write::Retention(..) | Write::Close(_))
-    }
-
-    pub(super) fn done(self, result: Result<(), StoreError>) {
+    fn done(self, result: Result<(), StoreError>) {
         match self {
             Write::Room(_, done)
             | Write::Message(_, done)
@@ -115,8 +115,10 @@ impl Write {
 pub struct SqliteStore {
     /// The database file.
     path: PathBuf,
-    /// The write connection, its queue and its thread.
-    writer: Writer,
+    /// Writes to the writer thread, in order.
+    writes: Sender<Write>,
+    /// The writer thread, joined on close.
+    writer: Mutex<Option<JoinHandle<()>>>,
     /// The read connections.
     readers: Readers,
     /// Held for the store's lifetime: the exclusive lock on the data dir.
@@ -139,17 +141,25 @@ impl SqliteStore {
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         migrate(&mut connection)?;
         let checkpointer = Checkpointer::attach(&path, &mut connection)?;
-        let writer = Writer::start(connection, checkpointer)?;
+
+        let (writes, queue) = mpsc::channel();
+        let writer = std::thread::Builder::new()
+            .name("confab-store-writer".into())
+            .spawn(move || write_loop(connection, checkpointer, queue))
+            .map_err(|e| StoreError::io("cannot start the writer thread", e))?;
         Ok(Self {
             path,
-            writer,
+            writes,
+            writer: Mutex::new(Some(writer)),
             readers: Readers::default(),
             _lock: lock,
         })
     }
 
     fn write(&self, write: Write) {
-        self.writer.write(write);
+        if let Err(mpsc::SendError(write)) = self.writes.send(write) {
+            write.done(Err(StoreError::Closed));
+        }
     }
 
     /// Runs `read` on a pooled read connection.
@@ -264,8 +274,41 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The writer thread: gather a group, commit it, report, repeat.
+fn write_loop(mut connection: Connection, checkpointer: Checkpointer, queue: Receiver<Write>) {
+    let mut failure: Option<StoreError> = None;
+    while let Ok(first) = queue.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match queue.try_recv() {
+                Ok(write) => group.push(write),
+                Err(_) => break,
+            }
+        }
+        let closing = group.iter().any(|w| matches!(w, Write::Close(_)));
+        let result = match &failure {
+            Some(error) => Err(error.clone()),
+            None => commit(&mut connection, &group),
+        };
+        if let (Err(error), None) = (&result, &failure) {
+            tracing::error!(%error, "store commit failed; refusing further writes");
+            failure = Some(error.clone());
+        }
+        for write in group {
+            write.done(result.clone());
+        }
+        if closing {
+            break;
+        }
+    }
+    checkpointer.stop(&mut connection);
+    if let Err(error) = connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+        tracing::warn!(%error, "checkpoint at close failed");
+    }
+}
+
 /// Applies one group of writes in one transaction.
-pub(super) fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError> {
+fn commit(connection: &mut Connection, group: &[Write]) -> Result<(), StoreError> {
     let tx = connection.transaction()?;
     {
         let mut insert_room = tx.prepare_cached(
@@ -549,7 +592,13 @@ impl Store for SqliteStore {
 
     fn close(&self) {
         let (done, _) = super::on_commit();
-        self.writer.close(Write::Close(done));
+        self.write(Write::Close(done));
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(writer) = writer
+            && writer.join().is_err()
+        {
+            tracing::error!("the store writer panicked");
+        }
     }
 }
 
@@ -561,10 +610,7 @@ impl Drop for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        sync::{Arc, atomic::Ordering},
-        time::Duration,
-    };
+    use std::{sync::atomic::Ordering, time::Duration};
 
     use super::*;
 
@@ -719,105 +765,6 @@ mod tests {
         assert!(frames() < 2 * hard, "the WAL grew to {} frames", frames());
         assert_eq!(store.read_after("r", 0, 1).unwrap().len(), 1);
         assert_eq!(store.rooms().unwrap()[0].head_seq, seq);
-    }
-
-    /// The thread a write's callback ran on.
-    fn committed_on(store: &SqliteStore, write: impl FnOnce(&SqliteStore, Committed)) -> String {
-        let (tx, rx) = std::sync::mpsc::channel();
-        write(
-            store,
-            Box::new(move |result| {
-                result.unwrap();
-                let thread = std::thread::current();
-                tx.send(thread.name().unwrap_or("unnamed").to_owned())
-                    .unwrap();
-            }),
-        );
-        rx.recv().unwrap()
-    }
-
-    #[test]
-    fn a_caller_commits_its_own_write_and_the_thread_takes_retention() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        let here = std::thread::current().name().unwrap().to_owned();
-        assert_eq!(
-            committed_on(&store, |s, done| s.create_room(room("r"), done)),
-            here
-        );
-        assert_eq!(
-            committed_on(&store, |s, done| s.append(message("r", 1, "a"), done)),
-            here
-        );
-        let retention = Retention {
-            max_messages: Some(1),
-            max_age: None,
-        };
-        assert_eq!(
-            committed_on(&store, |s, done| s.apply_retention(retention, done)),
-            "confab-store-writer"
-        );
-    }
-
-    #[test]
-    fn writes_from_many_threads_commit_in_the_order_they_queued() {
-        const THREADS: u64 = 8;
-        const EACH: u64 = 300;
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        for t in 0..THREADS {
-            wait(&store, |s, done| {
-                s.create_room(room(&format!("r{t}")), done)
-            })
-            .unwrap();
-        }
-        // Each thread queues its room's messages without waiting; every callback records
-        // its seq, and a room's seqs must be reported in the order they were queued.
-        let reported = Arc::new(Mutex::new(vec![Vec::new(); THREADS as usize]));
-        std::thread::scope(|scope| {
-            for t in 0..THREADS {
-                let (store, reported) = (&store, reported.clone());
-                scope.spawn(move || {
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    for seq in 1..=EACH {
-                        let (tx, reported) = (tx.clone(), reported.clone());
-                        let message = message(&format!("r{t}"), seq, &format!("{t}-{seq}"));
-                        store.append(
-                            message,
-                            Box::new(move |result| {
-                                result.unwrap();
-                                reported.lock().unwrap()[t as usize].push(seq);
-                                tx.send(()).unwrap();
-                            }),
-                        );
-                    }
-                    for _ in 1..=EACH {
-                        rx.recv().unwrap();
-                    }
-                });
-            }
-        });
-        let everything: Vec<u64> = (1..=EACH).collect();
-        for (t, seqs) in reported.lock().unwrap().iter().enumerate() {
-            assert_eq!(seqs, &everything, "room r{t}'s callbacks");
-            let stored: Vec<u64> = store
-                .read_after(&format!("r{t}"), 0, 1000)
-                .unwrap()
-                .iter()
-                .map(|m| m.seq)
-                .collect();
-            assert_eq!(stored, everything, "room r{t}'s log");
-        }
-    }
-
-    #[test]
-    fn a_write_after_close_fails_as_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
-        store.close();
-        let late = wait(&store, |s, done| s.append(message("r", 1, "a"), done));
-        assert!(matches!(late, Err(StoreError::Closed)), "{late:?}");
     }
 
     #[test]
