@@ -15,13 +15,22 @@
 //! - at [`HARD_PAGES`] the writer checkpoints inline, as SQLite would have. The WAL
 //!   starts over only when a write finds every frame copied, and steady commits can keep
 //!   the background copy one step behind forever. By then the background has copied
-//!   nearly all of it, and the inline checkpoint copies only the tail. This bounds the
-//!   WAL at about `HARD_PAGES` pages whatever the load.
+//!   nearly all of it, and the inline checkpoint copies only the tail. If the background
+//!   is checkpointing at that moment (a slow sync, say), the inline one is skipped and
+//!   the next commit tries again.
+//! - at [`LIMIT_PAGES`] the writer waits for the background's checkpoint to end, copies
+//!   everything and waits until no one reads the WAL, so that the next commit starts it
+//!   over (a RESTART checkpoint): the WAL's bound, whatever the disk does. The wait is
+//!   ours (the `turn` both take): SQLite returns BUSY at once, without its busy handler,
+//!   to a checkpoint that finds another one running.
 
 use std::{
     ffi::c_int,
     path::Path,
-    sync::mpsc::{self, Receiver, SyncSender, TrySendError},
+    sync::{
+        Arc, Mutex, TryLockError,
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
     thread::JoinHandle,
 };
 
@@ -34,8 +43,10 @@ pub(super) const SOFT_PAGES: c_int = 1000;
 /// WAL pages added between two signals: each checkpoint syncs the WAL and the database,
 /// so a busy writer should not start one per commit.
 pub(super) const STEP_PAGES: c_int = SOFT_PAGES / 4;
-/// WAL pages at which the writer checkpoints inline, bounding the WAL.
+/// WAL pages at which the writer checkpoints inline, if the lock is free.
 pub(super) const HARD_PAGES: c_int = 4 * SOFT_PAGES;
+/// WAL pages at which the writer waits for the lock to checkpoint: the WAL's bound.
+pub(super) const LIMIT_PAGES: c_int = 2 * HARD_PAGES;
 
 /// The background checkpoint thread of one store, fed by its writer connection's hook.
 pub(super) struct Checkpointer {
@@ -50,13 +61,18 @@ impl Checkpointer {
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         // One pending signal is enough: a checkpoint copies every frame there is.
         let (signal, signals) = mpsc::sync_channel(1);
+        // Held by whoever checkpoints, so that the writer can wait for the background.
+        let turn = Arc::new(Mutex::new(()));
         let thread = std::thread::Builder::new()
             .name("confab-store-checkpoint".into())
-            .spawn(move || checkpoint_loop(connection, signals))
+            .spawn({
+                let turn = turn.clone();
+                move || checkpoint_loop(connection, signals, &turn)
+            })
             .map_err(|e| StoreError::io("cannot start the checkpoint thread", e))?;
         let mut hook = Hook::default();
         writer.wal_hook(Some(move |wal: &mut Wal, pages: c_int| {
-            on_commit(wal, pages, &signal, &mut hook);
+            on_commit(wal, pages, &signal, &turn, &mut hook);
             // An error from the hook would fail a statement whose commit already happened.
             Ok(())
         }))?;
@@ -81,8 +97,11 @@ enum Action {
     Nothing,
     /// Wake the background checkpoint.
     Signal,
-    /// Checkpoint on the writer, now.
+    /// Checkpoint on the writer, now, unless the background holds the lock.
     Inline,
+    /// Checkpoint on the writer, waiting for the lock and for the WAL to be free to
+    /// start over.
+    Wait,
 }
 
 /// The hook's memory between commits: the WAL's size at the last signal.
@@ -97,7 +116,9 @@ impl Hook {
         if pages < self.signalled_at {
             self.signalled_at = 0; // the WAL started over
         }
-        if pages >= HARD_PAGES {
+        if pages >= LIMIT_PAGES {
+            Action::Wait
+        } else if pages >= HARD_PAGES {
             Action::Inline
         } else if pages >= SOFT_PAGES && pages >= self.signalled_at + STEP_PAGES {
             self.signalled_at = pages;
@@ -109,7 +130,13 @@ impl Hook {
 }
 
 /// The writer's WAL hook: runs after each commit with the WAL's size in pages.
-fn on_commit(wal: &mut Wal, pages: c_int, signal: &SyncSender<()>, hook: &mut Hook) {
+fn on_commit(
+    wal: &mut Wal,
+    pages: c_int,
+    signal: &SyncSender<()>,
+    turn: &Mutex<()>,
+    hook: &mut Hook,
+) {
     match hook.after_commit(pages) {
         Action::Nothing => {}
         Action::Signal => match signal.try_send(()) {
@@ -118,18 +145,32 @@ fn on_commit(wal: &mut Wal, pages: c_int, signal: &SyncSender<()>, hook: &mut Ho
                 tracing::warn!("the checkpoint thread is gone");
             }
         },
-        Action::Inline => match wal.checkpoint() {
-            Ok(()) => {}
-            // The background checkpoint holds the lock: it is copying already.
-            Err(error) if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
-            Err(error) => tracing::warn!(%error, pages, "inline checkpoint failed"),
-        },
+        Action::Inline => {
+            // The background is copying already: the next commit tries again.
+            let _turn = match turn.try_lock() {
+                Ok(turn) => turn,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            match wal.checkpoint() {
+                Ok(()) => {}
+                Err(error) if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
+                Err(error) => tracing::warn!(%error, pages, "inline checkpoint failed"),
+            }
+        }
+        Action::Wait => {
+            let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(error) = wal.checkpoint_v2(CheckpointMode::RESTART) {
+                tracing::warn!(%error, pages, "the WAL is over its bound and cannot be copied");
+            }
+        }
     }
 }
 
 /// The checkpoint thread: one PASSIVE checkpoint per signal, until the hook is dropped.
-fn checkpoint_loop(connection: Connection, signals: Receiver<()>) {
+fn checkpoint_loop(connection: Connection, signals: Receiver<()>, turn: &Mutex<()>) {
     while signals.recv().is_ok() {
+        let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
         match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
             Ok(_) => {}
             Err(error) if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
@@ -159,6 +200,7 @@ mod tests {
         assert_eq!(hook.after_commit(HARD_PAGES - 1), Action::Signal);
         assert_eq!(hook.after_commit(HARD_PAGES), Action::Inline);
         assert_eq!(hook.after_commit(HARD_PAGES + 7), Action::Inline);
+        assert_eq!(hook.after_commit(LIMIT_PAGES), Action::Wait);
     }
 
     #[test]
