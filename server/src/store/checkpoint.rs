@@ -28,7 +28,7 @@ use std::{
     ffi::c_int,
     path::Path,
     sync::{
-        Arc, Mutex, TryLockError,
+        Arc, Condvar, Mutex, TryLockError,
         mpsc::{self, Receiver, SyncSender, TrySendError},
     },
     thread::JoinHandle,
@@ -51,6 +51,33 @@ pub(super) const LIMIT_PAGES: c_int = 2 * HARD_PAGES;
 /// The background checkpoint thread of one store, fed by its writer connection's hook.
 pub(super) struct Checkpointer {
     thread: JoinHandle<()>,
+    done: Arc<Done>,
+}
+
+/// How many background checkpoints have run; the store's tests wait on it.
+#[derive(Default)]
+pub(super) struct Done {
+    count: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Done {
+    fn one_more(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until more than `count` background checkpoints have run, or `limit` has
+    /// passed; whether they had.
+    #[cfg(test)]
+    pub(super) fn wait_past(&self, count: u64, limit: std::time::Duration) -> bool {
+        let done = self.count.lock().unwrap();
+        let (done, _) = self
+            .changed
+            .wait_timeout_while(done, limit, |done| *done <= count)
+            .unwrap();
+        *done > count
+    }
 }
 
 impl Checkpointer {
@@ -63,11 +90,12 @@ impl Checkpointer {
         let (signal, signals) = mpsc::sync_channel(1);
         // Held by whoever checkpoints, so that the writer can wait for the background.
         let turn = Arc::new(Mutex::new(()));
+        let done = Arc::new(Done::default());
         let thread = std::thread::Builder::new()
             .name("confab-store-checkpoint".into())
             .spawn({
-                let turn = turn.clone();
-                move || checkpoint_loop(connection, signals, &turn)
+                let (turn, done) = (turn.clone(), done.clone());
+                move || checkpoint_loop(connection, signals, &turn, &done)
             })
             .map_err(|e| StoreError::io("cannot start the checkpoint thread", e))?;
         let mut hook = Hook::default();
@@ -76,7 +104,12 @@ impl Checkpointer {
             // An error from the hook would fail a statement whose commit already happened.
             Ok(())
         }))?;
-        Ok(Self { thread })
+        Ok(Self { thread, done })
+    }
+
+    /// The count of background checkpoints.
+    pub(super) fn done(&self) -> Arc<Done> {
+        self.done.clone()
     }
 
     /// Takes the hook off `writer` (dropping its signal, which ends the thread) and waits
@@ -168,11 +201,11 @@ fn on_commit(
 }
 
 /// The checkpoint thread: one PASSIVE checkpoint per signal, until the hook is dropped.
-fn checkpoint_loop(connection: Connection, signals: Receiver<()>, turn: &Mutex<()>) {
+fn checkpoint_loop(connection: Connection, signals: Receiver<()>, turn: &Mutex<()>, done: &Done) {
     while signals.recv().is_ok() {
         let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
         match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
-            Ok(_) => {}
+            Ok(_) => done.one_more(),
             Err(error) if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
             // The next signal tries again; the writer's inline checkpoint bounds the WAL.
             Err(error) => tracing::warn!(%error, "background checkpoint failed"),
