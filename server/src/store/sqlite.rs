@@ -10,7 +10,8 @@
 //! **Durability.** WAL mode with `synchronous = NORMAL`: a committed transaction is in
 //! the WAL before the callback runs, so it survives a crash of the server process
 //! (`kill -9`). Power loss may take the last commits; that is SQLite's documented trade.
-//! Checkpoints run on a thread of their own ([`Checkpointer`]), not inside a commit.
+//! Checkpoints run on a thread of their own ([`Checkpointer`]), not inside a commit
+//! (unless the WAL reaches its bound).
 //!
 //! **Fail-stop.** If a commit fails (disk full, I/O error), that group and every later
 //! write fail too. Going on would leave holes in a room's seqs.
