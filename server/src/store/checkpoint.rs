@@ -1,6 +1,6 @@
 //! [`Checkpointer`]: the SQLite store's WAL is copied back into the database on a thread
-//! of its own, so that a commit, and every ack queued behind it, never waits for a
-//! checkpoint.
+//! of its own, so that a commit, and every ack queued behind it, does not wait for a
+//! checkpoint (short of the WAL's bound, below).
 //!
 //! SQLite's automatic checkpoint runs inside the commit that takes the WAL past
 //! `wal_autocheckpoint` pages: that commit copies a thousand pages into the database and
@@ -207,7 +207,7 @@ fn checkpoint_loop(connection: Connection, signals: Receiver<()>, turn: &Mutex<(
         match connection.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
             Ok(_) => done.one_more(),
             Err(error) if error.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
-            // The next signal tries again; the writer's inline checkpoint bounds the WAL.
+            // The next signal tries again; the writer's checkpoint at the limit bounds the WAL.
             Err(error) => tracing::warn!(%error, "background checkpoint failed"),
         }
     }
