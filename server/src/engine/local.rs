@@ -2,8 +2,9 @@
 //! memory with `--in-memory`), its feed an in-process call.
 //!
 //! A room appends under a short std `Mutex`: check the idempotency key, take the next
-//! seq, and hand the message to the store. When the store has committed it, the store's
-//! callback (in seq order) advances the room's committed seq and delivers the message to
+//! seq, and hand the message to the store. The store may hand back the commit (a
+//! [`Lead`]: no commit was under way), which the sender's task runs once the lock is let
+//! go. When the store has committed it, the store's callback (in seq order) advances the room's committed seq and delivers the message to
 //! the room's feed; only then is the sender acked. So readers and senders only ever see
 //! committed messages, and a seq once seen is never reused, even across a crash.
 
@@ -29,7 +30,7 @@ use super::{
 use crate::{
     error::ChatError,
     metrics::Metrics,
-    store::{Access, Committed, Retention, RoomRecord, Store, StoreError, on_commit},
+    store::{Access, Committed, Lead, Retention, RoomRecord, Store, StoreError, on_commit},
     validate::Outgoing,
 };
 
@@ -81,6 +82,8 @@ enum Step {
         seq: u64,
         duplicate: bool,
         commit: Commit,
+        /// The store's commit, for this task to run once the room's lock is released.
+        lead: Lead,
     },
     /// Look the key up in the store (off the lock), which must have committed at least
     /// this seq for the answer to be exact.
@@ -181,7 +184,7 @@ impl LocalEngine {
         state: &mut LocalState,
         key: (String, String),
         message: Outgoing,
-    ) -> (u64, Commit) {
+    ) -> (u64, Commit, Lead) {
         let seq = state.record.head_seq + 1;
         state.record.head_seq = seq;
         let stored = ChatMessage::new(ChatMessageRecord {
@@ -198,9 +201,10 @@ impl LocalEngine {
         state
             .recent
             .insert(key, seq, commit.clone(), room.committed());
-        self.store
+        let lead = self
+            .store
             .append(stored.clone(), self.on_committed(room, stored, tx));
-        (seq, commit)
+        (seq, commit, lead)
     }
 
     /// What the store calls when `message` is committed: advance the committed seq, deliver
@@ -349,6 +353,7 @@ impl Engine for LocalEngine {
                         seq,
                         duplicate: true,
                         commit,
+                        lead: Lead::none(),
                     }
                 } else {
                     if looked_up.is_none() {
@@ -368,11 +373,12 @@ impl Engine for LocalEngine {
                         };
                         // Taken, not cloned: the loop ends with this step.
                         let key = std::mem::take(&mut key);
-                        let (seq, commit) = self.assign(&local, &mut state, key, message);
+                        let (seq, commit, lead) = self.assign(&local, &mut state, key, message);
                         Step::Wait {
                             seq,
                             duplicate: false,
                             commit,
+                            lead,
                         }
                     }
                 }
@@ -382,7 +388,13 @@ impl Engine for LocalEngine {
                     seq,
                     duplicate,
                     commit,
-                } => break (seq, duplicate, commit),
+                    lead,
+                } => {
+                    // With the room's lock let go: a commit here holds up no one else
+                    // in the room, and anyone who queued meanwhile shares it.
+                    lead.commit();
+                    break (seq, duplicate, commit);
+                }
                 Step::Lookup { committed } => {
                     if let Some(seq) = self.find_sent(room, sender, &key.1, since).await? {
                         // Found in the store: committed already.

@@ -234,7 +234,7 @@ mod tests {
         cursor::{Cursor, Delivery},
         engine::LocalEngine,
         store::{
-            Access, Committed, MemoryStore, RoomRecord, SentKey, Store, StoreError, on_commit,
+            Access, Committed, Lead, MemoryStore, RoomRecord, SentKey, Store, StoreError, on_commit,
         },
     };
 
@@ -356,44 +356,116 @@ mod tests {
         assert_eq!(say(&after, "r", "c").await.seq, 3);
     }
 
-    /// A memory store whose idempotency lookups for `slow` wait until the test lets them
-    /// go, as a SQLite read may wait on a busy disk.
-    struct SlowLookups {
-        inner: MemoryStore,
-        /// Told when a lookup for `slow` starts; waited on before it ends.
-        gate: std::sync::Mutex<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
+    /// What a [`Gated`] store holds until the test lets it go.
+    #[derive(PartialEq)]
+    enum Held {
+        /// Idempotency lookups for `slow`, as a SQLite read may wait on a busy disk.
+        SlowLookups,
+        /// The first lead's commit, as a SQLite commit takes its time; messages appended
+        /// meanwhile queue behind it, as they do in the SQLite writer.
+        FirstLead,
     }
 
-    impl Store for SlowLookups {
+    /// A memory store that holds up what [`Held`] says.
+    struct Gated {
+        inner: MemoryStore,
+        held: Held,
+        /// Told of what happens ("lookup", "appended", "leading").
+        told: std::sync::Mutex<std::sync::mpsc::Sender<&'static str>>,
+        /// Waited on by what is held.
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+        /// With `FirstLead`: messages not committed yet, and whether the lead was given.
+        queued: std::sync::Mutex<Vec<(ChatMessage, Committed)>>,
+        led: std::sync::atomic::AtomicBool,
+    }
+
+    impl Gated {
+        fn new(
+            inner: MemoryStore,
+            held: Held,
+        ) -> (
+            Arc<Self>,
+            std::sync::mpsc::Receiver<&'static str>,
+            std::sync::mpsc::Sender<()>,
+        ) {
+            let (told, events) = std::sync::mpsc::channel();
+            let (release, released) = std::sync::mpsc::channel();
+            let gated = Arc::new(Gated {
+                inner,
+                held,
+                told: std::sync::Mutex::new(told),
+                release: std::sync::Mutex::new(released),
+                queued: std::sync::Mutex::new(Vec::new()),
+                led: std::sync::atomic::AtomicBool::new(false),
+            });
+            (gated, events, release)
+        }
+
+        fn tell(&self, what: &'static str) {
+            let _ = self.told.lock().unwrap().send(what);
+        }
+
+        fn commit_queued(&self) {
+            for (message, done) in self.queued.lock().unwrap().drain(..) {
+                self.inner.append(message, done).commit();
+            }
+        }
+    }
+
+    impl crate::store::Leader for Gated {
+        fn lead(&self) {
+            self.tell("leading");
+            let _ = self.release.lock().unwrap().recv();
+            self.commit_queued();
+        }
+
+        fn decline(&self) {
+            self.commit_queued();
+        }
+    }
+
+    /// The store the hub gets: the `Arc` is what a lead holds.
+    struct GatedStore(Arc<Gated>);
+
+    impl Store for GatedStore {
         fn rooms(&self) -> Result<Vec<RoomRecord>, StoreError> {
-            self.inner.rooms()
+            self.0.inner.rooms()
         }
         fn create_room(&self, room: RoomRecord, done: Committed) {
-            self.inner.create_room(room, done)
+            self.0.inner.create_room(room, done)
         }
-        fn append(&self, message: ChatMessage, done: Committed) {
-            self.inner.append(message, done)
+        fn append(&self, message: ChatMessage, done: Committed) -> Lead {
+            if self.0.held != Held::FirstLead {
+                return self.0.inner.append(message, done);
+            }
+            self.0.queued.lock().unwrap().push((message, done));
+            self.0.tell("appended");
+            if self.0.led.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                Lead::none()
+            } else {
+                Lead::to(self.0.clone())
+            }
         }
         fn set_topic(&self, room: &str, topic: &str, done: Committed) {
-            self.inner.set_topic(room, topic, done)
+            self.0.inner.set_topic(room, topic, done)
         }
         fn set_access(&self, room: &str, user: &str, access: Option<Access>, done: Committed) {
-            self.inner.set_access(room, user, access, done)
+            self.0.inner.set_access(room, user, access, done)
         }
         fn apply_retention(&self, retention: crate::store::Retention, done: Committed) {
-            self.inner.apply_retention(retention, done)
+            self.0.inner.apply_retention(retention, done)
         }
         fn read_after(&self, room: &str, after: u64, limit: usize) -> StoreResult {
-            self.inner.read_after(room, after, limit)
+            self.0.inner.read_after(room, after, limit)
         }
         fn read_before(&self, room: &str, before: u64, limit: usize) -> StoreResult {
-            self.inner.read_before(room, before, limit)
+            self.0.inner.read_before(room, before, limit)
         }
         fn first_seq(&self, room: &str) -> Result<Option<u64>, StoreError> {
-            self.inner.first_seq(room)
+            self.0.inner.first_seq(room)
         }
         fn sent_since(&self, room: &str, since: SystemTime) -> Result<Vec<SentKey>, StoreError> {
-            self.inner.sent_since(room, since)
+            self.0.inner.sent_since(room, since)
         }
         fn find_sent(
             &self,
@@ -402,12 +474,11 @@ mod tests {
             id: &str,
             since: SystemTime,
         ) -> Result<Option<u64>, StoreError> {
-            if sender == "slow" {
-                let gate = self.gate.lock().unwrap();
-                let _ = gate.0.send(());
-                let _ = gate.1.recv();
+            if self.0.held == Held::SlowLookups && sender == "slow" {
+                self.0.tell("lookup");
+                let _ = self.0.release.lock().unwrap().recv();
             }
-            self.inner.find_sent(room, sender, id, since)
+            self.0.inner.find_sent(room, sender, id, since)
         }
     }
 
@@ -418,8 +489,6 @@ mod tests {
     /// whose fingerprint matches no stored one, is not looked up at all).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_idempotency_lookup_holds_up_no_one_else() {
-        let (release, released) = std::sync::mpsc::channel();
-        let (entered, lookup_started) = std::sync::mpsc::channel();
         let inner = MemoryStore::new();
         // A room with a message `slow` sent just now, as after a restart: its retry must
         // be looked up in the store.
@@ -439,25 +508,24 @@ mod tests {
         );
         stored.await.unwrap();
         let (done, stored) = on_commit();
-        inner.append(
-            ChatMessage::new(ChatMessageRecord {
-                room: "r".into(),
-                seq: 1,
-                sender: "slow".into(),
-                text: "before the restart".into(),
-                kind: 1,
-                client_msg_id: "s1".into(),
-                sent_at: Some(SystemTime::now().into()),
-            }),
-            done,
-        );
+        inner
+            .append(
+                ChatMessage::new(ChatMessageRecord {
+                    room: "r".into(),
+                    seq: 1,
+                    sender: "slow".into(),
+                    text: "before the restart".into(),
+                    kind: 1,
+                    client_msg_id: "s1".into(),
+                    sent_at: Some(SystemTime::now().into()),
+                }),
+                done,
+            )
+            .commit();
         stored.await.unwrap();
-        let store = SlowLookups {
-            inner,
-            gate: std::sync::Mutex::new((entered, released)),
-        };
+        let (store, told, release) = Gated::new(inner, Held::SlowLookups);
         let hub = Arc::new(hub_on(
-            Arc::new(store),
+            Arc::new(GatedStore(store)),
             16,
             crate::limits::LimitConfig::unlimited(),
         ));
@@ -475,9 +543,11 @@ mod tests {
         // the room's lock were held through the lookup, bob's send would block a worker
         // and the wait would fail instead of hanging.
         let wait = Duration::from_secs(20);
-        lookup_started
-            .recv_timeout(wait)
-            .expect("slow's lookup to start");
+        assert_eq!(
+            told.recv_timeout(wait),
+            Ok("lookup"),
+            "slow's lookup started"
+        );
         let (sent, fast) = std::sync::mpsc::channel();
         tokio::spawn(async move {
             let _ = sent.send(send(hub, "bob", "b1").await);
@@ -496,6 +566,51 @@ mod tests {
                 duplicate: true
             }
         );
+    }
+
+    /// A sender's commit handed back by the store (a lead) runs with the room's lock let
+    /// go: while it commits, the room's next sender takes its seq and queues behind it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_led_by_its_sender_holds_up_no_one_else_in_the_room() {
+        let (store, told, release) = Gated::new(MemoryStore::new(), Held::FirstLead);
+        let hub = Arc::new(hub_on(
+            Arc::new(GatedStore(store)),
+            16,
+            crate::limits::LimitConfig::unlimited(),
+        ));
+        hub.open_room("r", "alice").await.unwrap();
+        let send = |hub: Arc<Hub>, sender: &'static str| async move {
+            let message = Outgoing {
+                room: "r".into(),
+                text: "hi".into(),
+                client_msg_id: sender.into(),
+                kind: MessageKind::Text,
+            };
+            hub.publish("room", sender, message).await
+        };
+        let alice = tokio::spawn(send(hub.clone(), "alice"));
+        // These waits block the test's thread, not a worker: if the lead were run under
+        // the room's lock, bob's send would block on it and the wait would fail.
+        let wait = Duration::from_secs(20);
+        assert_eq!(told.recv_timeout(wait), Ok("appended"));
+        assert_eq!(
+            told.recv_timeout(wait),
+            Ok("leading"),
+            "alice leads her commit"
+        );
+        let bob = tokio::spawn(send(hub.clone(), "bob"));
+        assert_eq!(
+            told.recv_timeout(wait),
+            Ok("appended"),
+            "bob's message is appended while alice's commit is under way"
+        );
+        assert!(
+            !alice.is_finished() && !bob.is_finished(),
+            "nothing is committed yet"
+        );
+        release.send(()).unwrap();
+        assert_eq!(alice.await.unwrap().unwrap().seq, 1);
+        assert_eq!(bob.await.unwrap().unwrap().seq, 2);
     }
 
     async fn next_seq(cursor: &mut Cursor) -> u64 {

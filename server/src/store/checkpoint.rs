@@ -29,6 +29,7 @@ use std::{
     path::Path,
     sync::{
         Arc, Condvar, Mutex, TryLockError,
+        atomic::{AtomicI32, Ordering},
         mpsc::{self, Receiver, SyncSender, TrySendError},
     },
     thread::JoinHandle,
@@ -47,11 +48,27 @@ pub(super) const STEP_PAGES: c_int = SOFT_PAGES / 4;
 pub(super) const HARD_PAGES: c_int = 4 * SOFT_PAGES;
 /// WAL pages at which the writer waits for the lock to checkpoint: the WAL's bound.
 pub(super) const LIMIT_PAGES: c_int = 2 * HARD_PAGES;
+/// WAL pages below [`HARD_PAGES`] from which a commit is left to the writer thread: more
+/// than one caller's commit can add (see `writer::LEAD_BYTES`).
+const HARD_MARGIN: c_int = 512;
 
 /// The background checkpoint thread of one store, fed by its writer connection's hook.
 pub(super) struct Checkpointer {
     thread: JoinHandle<()>,
     done: Arc<Done>,
+    wal: Arc<WalPages>,
+}
+
+/// The WAL's size in pages after the writer's last commit.
+#[derive(Default)]
+pub(super) struct WalPages(AtomicI32);
+
+impl WalPages {
+    /// Within [`HARD_MARGIN`] of [`HARD_PAGES`], or past it: a commit may checkpoint
+    /// inline, or wait, which only the writer thread should do.
+    pub(super) fn near_hard_point(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= HARD_PAGES - HARD_MARGIN
+    }
 }
 
 /// How many background checkpoints have run; the store's tests wait on it.
@@ -99,12 +116,24 @@ impl Checkpointer {
             })
             .map_err(|e| StoreError::io("cannot start the checkpoint thread", e))?;
         let mut hook = Hook::default();
+        let size = Arc::new(WalPages::default());
+        let wal_pages = size.clone();
         writer.wal_hook(Some(move |wal: &mut Wal, pages: c_int| {
+            wal_pages.0.store(pages, Ordering::Relaxed);
             on_commit(wal, pages, &signal, &turn, &mut hook);
             // An error from the hook would fail a statement whose commit already happened.
             Ok(())
         }))?;
-        Ok(Self { thread, done })
+        Ok(Self {
+            thread,
+            done,
+            wal: size,
+        })
+    }
+
+    /// The WAL's size, as the hook last saw it.
+    pub(super) fn wal_pages(&self) -> Arc<WalPages> {
+        self.wal.clone()
     }
 
     /// The count of background checkpoints.

@@ -8,7 +8,7 @@ use std::{
 
 use confab::ChatMessage;
 
-use super::{Access, Committed, Retention, RoomRecord, SentKey, Store, StoreError, sent_at};
+use super::{Access, Committed, Lead, Retention, RoomRecord, SentKey, Store, StoreError, sent_at};
 
 /// A store that keeps everything in memory. Writes are "committed" the moment they are
 /// made, so their callbacks run inline.
@@ -87,7 +87,7 @@ impl Store for MemoryStore {
         done(Ok(()));
     }
 
-    fn append(&self, message: ChatMessage, done: Committed) {
+    fn append(&self, message: ChatMessage, done: Committed) -> Lead {
         let result = {
             let mut rooms = self.rooms();
             match rooms.get_mut(&message.room) {
@@ -111,6 +111,7 @@ impl Store for MemoryStore {
             }
         };
         done(result);
+        Lead::none()
     }
 
     fn set_topic(&self, room: &str, topic: &str, done: Committed) {

@@ -6,6 +6,8 @@
 //! write is durable (or failed), in the order the writes were made. The hub publishes a
 //! message to its readers from that callback, so readers only ever see committed
 //! messages: a message seen before a crash is still there, with the same seq, after it.
+//! An append may hand its commit back to the caller ([`Lead`]), to run on the caller's
+//! thread once the room's lock is let go.
 //!
 //! Reads are synchronous and return messages in ascending seq order. They are short
 //! (one index range, at most a page) and see only committed data.
@@ -18,10 +20,12 @@ mod checkpoint;
 mod conformance;
 mod memory;
 mod sqlite;
+mod writer;
 
 use std::{
     collections::BTreeMap,
     future::Future,
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -106,6 +110,48 @@ pub fn on_commit() -> (Committed, impl Future<Output = Result<(), StoreError>>) 
     });
     let wait = async move { rx.await.unwrap_or_else(|_| Err(StoreError::Closed)) };
     (done, wait)
+}
+
+/// The commit of an appended message, when its caller may run it: [`Lead::commit`]
+/// commits on the caller's thread, with no hand-off to another. The engine takes it once
+/// it has let go of its own locks. Dropped, it goes to the store's own thread, so a write
+/// is never left waiting for a lead no one holds.
+#[must_use = "a lead not committed goes to the store's thread"]
+pub struct Lead(Option<Arc<dyn Leader>>);
+
+/// What a [`Lead`] commits with (the SQLite store's writer).
+pub(crate) trait Leader: Send + Sync {
+    /// Commits what has queued, here.
+    fn lead(&self);
+    /// Hands the commit to the store's thread.
+    fn decline(&self);
+}
+
+impl Lead {
+    /// No commit for the caller: the store commits on its own.
+    pub fn none() -> Self {
+        Lead(None)
+    }
+
+    pub(crate) fn to(leader: Arc<dyn Leader>) -> Self {
+        Lead(Some(leader))
+    }
+
+    /// Commits now, on this thread (when there is anything to commit). Blocks for one
+    /// commit of a few writes.
+    pub fn commit(mut self) {
+        if let Some(leader) = self.0.take() {
+            leader.lead();
+        }
+    }
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        if let Some(leader) = self.0.take() {
+            leader.decline();
+        }
+    }
 }
 
 /// What the store keeps about a room besides its messages.
@@ -194,8 +240,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records a new room; the hub has checked that the name is free.
     fn create_room(&self, room: RoomRecord, done: Committed);
 
-    /// Appends `message` to its room's log; called in seq order per room.
-    fn append(&self, message: ChatMessage, done: Committed);
+    /// Appends `message` to its room's log; called in seq order per room. The caller
+    /// commits the returned [`Lead`] once it holds no lock (or drops it).
+    fn append(&self, message: ChatMessage, done: Committed) -> Lead;
 
     /// Sets `room`'s topic.
     fn set_topic(&self, room: &str, topic: &str, done: Committed);
