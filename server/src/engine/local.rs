@@ -4,9 +4,11 @@
 //! A room appends under a short std `Mutex`: check the idempotency key, take the next
 //! seq, and hand the message to the store. The store may hand back the commit (a
 //! [`Lead`]: no commit was under way), which the sender's task runs once the lock is let
-//! go. When the store has committed it, the store's callback (in seq order) advances the room's committed seq and delivers the message to
-//! the room's feed; only then is the sender acked. So readers and senders only ever see
-//! committed messages, and a seq once seen is never reused, even across a crash.
+//! go: one small commit on a runtime worker, with no hand-off to the store's thread. When
+//! the store has committed it, the store's callback (in seq order) advances the room's
+//! committed seq and delivers the message to the room's feed; only then is the sender
+//! acked. So readers and senders only ever see committed messages, and a seq once seen
+//! is never reused, even across a crash.
 
 use std::{
     collections::BTreeSet,

@@ -133,6 +133,7 @@ impl Lead {
         Lead(None)
     }
 
+    /// The caller's commit, run by `leader`.
     pub(crate) fn to(leader: Arc<dyn Leader>) -> Self {
         Lead(Some(leader))
     }

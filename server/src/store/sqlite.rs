@@ -863,15 +863,36 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_thread_that_panics_closes_the_store_instead_of_hanging_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        store.create_room(room("r"), Box::new(|_| panic!("a callback's bug")));
+        let (tx, rx) = std::sync::mpsc::channel();
+        store.create_room(room("q"), Box::new(move |result| tx.send(result).unwrap()));
+        // Failed as closed, or dropped unreported in the group that panicked: either way
+        // the sender hears, and the next write too.
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Err(StoreError::Closed)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+            other => panic!("the write behind the panic: {other:?}"),
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let late: Committed = Box::new(move |result| tx.send(result).unwrap());
+        store.append(message("r", 1, "a"), late).commit();
+        let late = rx.recv_timeout(Duration::from_secs(20));
+        assert!(matches!(late, Ok(Err(StoreError::Closed))), "{late:?}");
+    }
+
+    #[test]
     fn a_write_after_close_fails_as_closed() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
         store.close();
-        let late = wait(&store, |s, done| {
-            s.append(message("r", 1, "a"), done).commit()
-        });
-        assert!(matches!(late, Err(StoreError::Closed)), "{late:?}");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let late: Committed = Box::new(move |result| tx.send(result).unwrap());
+        store.append(message("r", 1, "a"), late).commit();
+        let late = rx.recv_timeout(Duration::from_secs(20));
+        assert!(matches!(late, Ok(Err(StoreError::Closed))), "{late:?}");
     }
 
     #[test]

@@ -195,6 +195,7 @@ impl Shared {
     /// The thread: waits for the lead, commits until the queue is empty, and after the
     /// close, stops the checkpoints and truncates the WAL.
     fn thread_loop(&self, checkpointer: Checkpointer) {
+        let _unwinding = CloseOnPanic(self);
         let mut queue = self.queue();
         loop {
             while !queue.handed_off {
@@ -273,6 +274,27 @@ impl Drop for HandOffOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.0.hand_off(self.0.queue());
+        }
+    }
+}
+
+/// If the thread panics (in a callback, say), the store closes: what has queued, and every
+/// later write, fails as closed instead of waiting for a thread that is gone.
+struct CloseOnPanic<'a>(&'a Shared);
+
+impl Drop for CloseOnPanic<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let orphans = {
+            let mut queue = self.0.queue();
+            queue.closed = true;
+            queue.leading = true;
+            std::mem::take(&mut queue.writes)
+        };
+        for write in orphans {
+            write.done(Err(StoreError::Closed));
         }
     }
 }
