@@ -334,7 +334,11 @@ impl ChatService for ChatServer {
                     .await
                     .map_err(ChatError::from)?;
                 let next = messages.last().map(|m| m.seq).filter(|&last| last < head);
-                let gap = gap(after + 1, oldest.min(head + 1) - 1);
+                // What is kept is contiguous, so the page's first message tells exactly
+                // what was removed before it, as of the read that found it. `oldest` was
+                // read before, and retention may have run since.
+                let kept_from = messages.first().map_or(oldest.min(head + 1), |m| m.seq);
+                let gap = gap(after + 1, kept_from - 1);
                 (messages, next.map(|seq| format!("f:{seq}")), gap)
             }
             pb::HistoryDirection::Backward | pb::HistoryDirection::Unspecified => {
