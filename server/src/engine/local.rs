@@ -36,6 +36,10 @@ use crate::{
     validate::Outgoing,
 };
 
+/// Most readers a room may have for its sender to commit a message itself ([`Lead`]):
+/// half of a tokio worker's local run queue (256 tasks).
+const LEAD_READERS: usize = 128;
+
 /// The engine of a server that is alone: every room in this process.
 pub struct LocalEngine {
     /// Where the rooms and their logs are kept.
@@ -117,6 +121,14 @@ impl LocalRoom {
         if let Some(feed) = self.feed.get().and_then(Weak::upgrade) {
             feed.deliver(event);
         }
+    }
+
+    /// How many readers the room's messages wake.
+    fn readers(&self) -> usize {
+        self.feed
+            .get()
+            .and_then(Weak::upgrade)
+            .map_or(0, |feed| feed.readers())
     }
 
     /// A [`Committed`] callback that delivers `event` once the write is stored, then
@@ -393,8 +405,16 @@ impl Engine for LocalEngine {
                     lead,
                 } => {
                     // With the room's lock let go: a commit here holds up no one else
-                    // in the room, and anyone who queued meanwhile shares it.
-                    lead.commit();
+                    // in the room, and anyone who queued meanwhile shares it. Not when
+                    // the commit wakes more readers than a runtime worker's local queue
+                    // holds well: woken from a worker, they would overflow it and be
+                    // run out of order (fan-out 1,000 × 500 msg/s: p50 13 against 8.5
+                    // ms); woken from the store's thread, they queue in order.
+                    if local.readers() <= LEAD_READERS {
+                        lead.commit();
+                    } else {
+                        drop(lead);
+                    }
                     break (seq, duplicate, commit);
                 }
                 Step::Lookup { committed } => {

@@ -125,6 +125,9 @@ pub trait Feed: Send + Sync {
     /// One event. Messages come in seq order, without gaps; the engine may repeat one
     /// already delivered (the feed drops it). Must be quick and must not block.
     fn deliver(&self, event: FeedEvent);
+
+    /// How many readers an event wakes.
+    fn readers(&self) -> usize;
 }
 
 /// A change of one node's members in a room, for presence over every node.

@@ -482,6 +482,23 @@ mod tests {
         }
     }
 
+    /// A hub on a [`Gated`] store, without limits.
+    fn gated_hub(store: Arc<Gated>) -> Arc<Hub> {
+        let limits = crate::limits::LimitConfig::unlimited();
+        Arc::new(hub_on(Arc::new(GatedStore(store)), 16, limits))
+    }
+
+    /// `sender` says "hi" in room `r` under the idempotency key `id`.
+    async fn send(hub: Arc<Hub>, sender: &'static str, id: &'static str) -> Published {
+        let message = Outgoing {
+            room: "r".into(),
+            text: "hi".into(),
+            client_msg_id: id.into(),
+            kind: MessageKind::Text,
+        };
+        hub.publish("room", sender, message).await.unwrap()
+    }
+
     type StoreResult = Result<Vec<ChatMessage>, StoreError>;
 
     /// A retry whose idempotency key must be looked up in a slow store holds up no one
@@ -524,20 +541,7 @@ mod tests {
             .commit();
         stored.await.unwrap();
         let (store, told, release) = Gated::new(inner, Held::SlowLookups);
-        let hub = Arc::new(hub_on(
-            Arc::new(GatedStore(store)),
-            16,
-            crate::limits::LimitConfig::unlimited(),
-        ));
-        let send = |hub: Arc<Hub>, sender: &'static str, id: &'static str| async move {
-            let message = Outgoing {
-                room: "r".into(),
-                text: "hi".into(),
-                client_msg_id: id.into(),
-                kind: MessageKind::Text,
-            };
-            hub.publish("room", sender, message).await
-        };
+        let hub = gated_hub(store);
         let slow = tokio::spawn(send(hub.clone(), "slow", "s1"));
         // The waits below block this (the test's) thread, not the runtime's workers: if
         // the room's lock were held through the lookup, bob's send would block a worker
@@ -554,13 +558,12 @@ mod tests {
         });
         let fast = fast
             .recv_timeout(wait)
-            .expect("bob's send is not held up by slow's lookup")
-            .unwrap();
+            .expect("bob's send is not held up by slow's lookup");
         assert_eq!(fast.seq, 2);
         assert!(!slow.is_finished(), "slow's lookup is still waiting");
         release.send(()).unwrap();
         assert_eq!(
-            slow.await.unwrap().unwrap(),
+            slow.await.unwrap(),
             Published {
                 seq: 1,
                 duplicate: true
@@ -573,22 +576,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_led_by_its_sender_holds_up_no_one_else_in_the_room() {
         let (store, told, release) = Gated::new(MemoryStore::new(), Held::FirstLead);
-        let hub = Arc::new(hub_on(
-            Arc::new(GatedStore(store)),
-            16,
-            crate::limits::LimitConfig::unlimited(),
-        ));
+        let hub = gated_hub(store);
         hub.open_room("r", "alice").await.unwrap();
-        let send = |hub: Arc<Hub>, sender: &'static str| async move {
-            let message = Outgoing {
-                room: "r".into(),
-                text: "hi".into(),
-                client_msg_id: sender.into(),
-                kind: MessageKind::Text,
-            };
-            hub.publish("room", sender, message).await
-        };
-        let alice = tokio::spawn(send(hub.clone(), "alice"));
+        let alice = tokio::spawn(send(hub.clone(), "alice", "a1"));
         // These waits block the test's thread, not a worker: if the lead were run under
         // the room's lock, bob's send would block on it and the wait would fail.
         let wait = Duration::from_secs(20);
@@ -598,7 +588,7 @@ mod tests {
             Ok("leading"),
             "alice leads her commit"
         );
-        let bob = tokio::spawn(send(hub.clone(), "bob"));
+        let bob = tokio::spawn(send(hub.clone(), "bob", "b1"));
         assert_eq!(
             told.recv_timeout(wait),
             Ok("appended"),
@@ -609,8 +599,8 @@ mod tests {
             "nothing is committed yet"
         );
         release.send(()).unwrap();
-        assert_eq!(alice.await.unwrap().unwrap().seq, 1);
-        assert_eq!(bob.await.unwrap().unwrap().seq, 2);
+        assert_eq!(alice.await.unwrap().seq, 1);
+        assert_eq!(bob.await.unwrap().seq, 2);
     }
 
     async fn next_seq(cursor: &mut Cursor) -> u64 {

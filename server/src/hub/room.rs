@@ -492,6 +492,10 @@ impl Room {
 }
 
 impl Feed for Room {
+    fn readers(&self) -> usize {
+        self.events.receiver_count()
+    }
+
     fn deliver(&self, event: FeedEvent) {
         match event {
             FeedEvent::Message(message) => {

@@ -862,6 +862,18 @@ mod tests {
         }
     }
 
+    /// What appending `message` (leading it) comes to, if the store says within 20 s.
+    fn append_within(
+        store: &SqliteStore,
+        message: ChatMessage,
+    ) -> Result<Result<(), StoreError>, std::sync::mpsc::RecvTimeoutError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        store
+            .append(message, Box::new(move |result| tx.send(result).unwrap()))
+            .commit();
+        rx.recv_timeout(Duration::from_secs(20))
+    }
+
     #[test]
     fn a_writer_thread_that_panics_closes_the_store_instead_of_hanging_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -875,10 +887,7 @@ mod tests {
             Ok(Err(StoreError::Closed)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
             other => panic!("the write behind the panic: {other:?}"),
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let late: Committed = Box::new(move |result| tx.send(result).unwrap());
-        store.append(message("r", 1, "a"), late).commit();
-        let late = rx.recv_timeout(Duration::from_secs(20));
+        let late = append_within(&store, message("r", 1, "a"));
         assert!(matches!(late, Ok(Err(StoreError::Closed))), "{late:?}");
     }
 
@@ -888,10 +897,7 @@ mod tests {
         let store = SqliteStore::open(dir.path()).unwrap();
         wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
         store.close();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let late: Committed = Box::new(move |result| tx.send(result).unwrap());
-        store.append(message("r", 1, "a"), late).commit();
-        let late = rx.recv_timeout(Duration::from_secs(20));
+        let late = append_within(&store, message("r", 1, "a"));
         assert!(matches!(late, Ok(Err(StoreError::Closed))), "{late:?}");
     }
 

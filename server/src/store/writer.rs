@@ -22,8 +22,11 @@
 //! - when the caller drops its [`Lead`] instead of committing.
 //!
 //! A caller that leads blocks its thread (a runtime worker) for one commit of at most
-//! [`LEAD_GROUP`] messages and [`LEAD_BYTES`] of text: SQLite writes them to the WAL without `fsync` (WAL mode,
-//! `synchronous = NORMAL`).
+//! [`LEAD_GROUP`] messages and [`LEAD_BYTES`] of text: SQLite writes them to the WAL
+//! without `fsync` (WAL mode, `synchronous = NORMAL`).
+//!
+//! **If the thread panics** (in a callback, say), the store closes: what has queued and
+//! every later write fail as closed, as they did when the thread was a channel's reader.
 
 use std::{
     sync::{Arc, Condvar, Mutex, MutexGuard},
