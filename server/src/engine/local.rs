@@ -410,7 +410,7 @@ impl Engine for LocalEngine {
                     // holds well: woken from a worker, they would overflow it and be
                     // run out of order (fan-out 1,000 × 500 msg/s: p50 13 against 8.5
                     // ms); woken from the store's thread, they queue in order.
-                    if local.readers() <= LEAD_READERS {
+                    if lead.is_held() && local.readers() <= LEAD_READERS {
                         lead.commit();
                     } else {
                         drop(lead);

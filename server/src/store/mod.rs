@@ -138,6 +138,11 @@ impl Lead {
         Lead(Some(leader))
     }
 
+    /// Whether there is a commit for the caller to run.
+    pub fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Commits now, on this thread (when there is anything to commit). Blocks for one
     /// commit of a few writes.
     pub fn commit(mut self) {
