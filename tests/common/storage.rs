@@ -129,9 +129,10 @@ impl Storage {
 pub struct RedisServer {
     child: Option<Child>,
     port: u16,
+    /// Its cluster bus port, if it is a shard of a Redis Cluster. Chosen free like `port`:
+    /// Redis would otherwise take `port + 10000`, which nothing has checked is free.
+    bus_port: Option<u16>,
     dir: tempfile::TempDir,
-    /// Whether it is a shard of a Redis Cluster.
-    shard: bool,
 }
 
 impl RedisServer {
@@ -141,20 +142,28 @@ impl RedisServer {
         Self::start_as(false)
     }
 
+    /// A port found free may be taken by someone else before redis-server binds it; a
+    /// server that exits at once is started again on other ports, a few times.
     fn start_as(shard: bool) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut redis = Self {
-            child: None,
-            port,
-            dir,
-            shard,
-        };
-        redis.spawn();
-        redis
+        const ATTEMPTS: usize = 5;
+        let mut exits = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let ports = free_ports(if shard { 2 } else { 1 });
+            let mut redis = Self {
+                child: None,
+                port: ports[0],
+                bus_port: ports.get(1).copied(),
+                dir: tempfile::tempdir().expect("temp dir"),
+            };
+            match redis.spawn() {
+                Ok(()) => return redis,
+                Err(exit) => exits.push(exit),
+            }
+        }
+        panic!(
+            "redis-server exited at start {ATTEMPTS} times:\n{}",
+            exits.join("\n")
+        );
     }
 
     /// A Redis Cluster of `shards` masters (no replicas), its slots spread over them by
@@ -190,8 +199,11 @@ impl RedisServer {
         servers
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+    /// Starts redis-server and waits until it answers PING. `Err` (saying why, from its
+    /// log) if it exited first; panics if it neither answers nor exits within 20 s.
+    fn spawn(&mut self) -> Result<(), String> {
+        let bus_port = self.bus_port.map(|port| port.to_string());
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -204,31 +216,43 @@ impl RedisServer {
                 "",
             ])
             .args(["--logfile", "redis.log"])
-            .args(if self.shard {
-                &[
+            .args(match &bus_port {
+                Some(bus_port) => vec![
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
-                ][..]
-            } else {
-                &[][..]
+                    "--cluster-port",
+                    bus_port,
+                ],
+                None => vec![],
             })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server (install the distribution's package: .ci/run does)");
-        self.child = Some(child);
+        let log = self.dir.path().join("redis.log");
         let started = Instant::now();
         while !self.answers() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "redis-server did not answer on port {}; see {}",
-                self.port,
-                self.dir.path().join("redis.log").display()
-            );
+            if let Ok(Some(status)) = child.try_wait() {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!(
+                    "redis-server on port {} exited ({status}); its log:\n{said}",
+                    self.port
+                ));
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!(
+                    "redis-server did not answer on port {}; see {}",
+                    self.port,
+                    log.display()
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.child = Some(child);
+        Ok(())
     }
 
     fn answers(&self) -> bool {
@@ -263,7 +287,9 @@ impl RedisServer {
     /// Starts it again on the same port and dir.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        if let Err(exit) = self.spawn() {
+            panic!("{exit}");
+        }
     }
 
     /// Runs `redis-cli` with `args` against it and returns what it printed.
@@ -275,6 +301,18 @@ impl RedisServer {
             .expect("run redis-cli");
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
+}
+
+/// `count` distinct loopback ports that were free a moment ago (all bound at once, so no
+/// two are the same).
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("its address").port())
+        .collect()
 }
 
 impl Drop for RedisServer {
