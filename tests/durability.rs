@@ -13,7 +13,7 @@ use std::{
 use common::{
     Engine, Events, Proxy, Storage, TestServer,
     conversation::{acked, connected, converse, history, until},
-    flood_past_a_stalled_reader, subscribe, within,
+    flood_past_a_stalled_reader, metric, metrics_until, subscribe, within,
 };
 use confab::{
     Client, ConnectionState,
@@ -182,19 +182,36 @@ on_every_engine!(
     tokio::test(flavor = "multi_thread", worker_threads = 2)
 );
 
+/// The stall timeout of the stalled-reader tests. Long against a loaded machine's
+/// scheduling hiccups, so that a brisk reader is never taken for a stalled one; the
+/// stalled reader reads nothing until the server has cut it off, so that the flood need
+/// not outlast it.
+const STALL: Duration = Duration::from_secs(1);
+
+/// Waits until the server has ended a stream whose client stopped reading.
+async fn until_a_stalled_stream_is_ended(server: &TestServer) {
+    metrics_until(
+        server.metrics_addr,
+        "a stalled stream to be ended",
+        |page| metric(page, "confab_slow_reader_disconnects_total") >= 1.0,
+    )
+    .await;
+}
+
 /// One reader stops reading while 20,000 messages flow: the others get all of them; the
 /// stalled one is ended with RESOURCE_EXHAUSTED, resumes from its last seq, and ends up
 /// with all of them, in order, once each.
 async fn a_stalled_reader_is_ended_and_resumes_without_loss(engine: Engine) {
     const MESSAGES: u64 = 20_000;
     let config = Config {
-        stall_timeout: Duration::from_millis(100),
+        stall_timeout: STALL,
         ..common::config()
     };
     let server = TestServer::with_on(engine, config).await;
     let (stalled_client, mut stalled, publishing) =
         flood_past_a_stalled_reader(&server, MESSAGES).await;
     within("the batch", publishing).await.unwrap().unwrap();
+    until_a_stalled_stream_is_ended(&server).await;
 
     // The stalled reader reads what reached it, then learns it was cut off.
     let mut got = Vec::new();
@@ -233,7 +250,7 @@ on_every_engine!(
 async fn a_stalled_subscription_is_ended_and_resumes_without_loss(engine: Engine) {
     const MESSAGES: u64 = 20_000;
     let config = Config {
-        stall_timeout: Duration::from_millis(100),
+        stall_timeout: STALL,
         ..common::config()
     };
     let server = TestServer::with_on(engine, config).await;
@@ -249,6 +266,7 @@ async fn a_stalled_subscription_is_ended_and_resumes_without_loss(engine: Engine
         "the brisk reader keeps up while the subscription reads nothing"
     );
     within("the batch", publishing).await.unwrap().unwrap();
+    until_a_stalled_stream_is_ended(&server).await;
 
     let mut got = Vec::new();
     let status = within("the stalled subscription's end", async {
