@@ -6,7 +6,7 @@
 #![allow(dead_code)] // each test file uses its own part of this
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{BufRead as _, Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
@@ -199,7 +199,7 @@ impl RedisServer {
         servers
     }
 
-    /// Starts redis-server and waits until it answers PING. `Err` (saying why, from its
+    /// Starts redis-server and waits until it answers. `Err` (saying why, from its
     /// log) if it exited first; panics if it neither answers nor exits within 20 s.
     fn spawn(&mut self) -> Result<(), String> {
         let bus_port = self.bus_port.map(|port| port.to_string());
@@ -233,7 +233,7 @@ impl RedisServer {
             .expect("start redis-server (install the distribution's package: .ci/run does)");
         let log = self.dir.path().join("redis.log");
         let started = Instant::now();
-        while !self.answers() {
+        while !self.answers_as(child.id()) {
             if let Ok(Some(status)) = child.try_wait() {
                 let said = std::fs::read_to_string(&log).unwrap_or_default();
                 return Err(format!(
@@ -255,15 +255,29 @@ impl RedisServer {
         Ok(())
     }
 
-    fn answers(&self) -> bool {
+    /// Whether the process `pid` answers on the port. Another test's redis-server may
+    /// have taken the port first (ours then exits): its answer does not count.
+    fn answers_as(&self, pid: u32) -> bool {
         let Ok(mut conn) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut reply = [0u8; 7];
-        conn.write_all(b"PING\r\n").is_ok()
-            && conn.read_exact(&mut reply).is_ok()
-            && &reply == b"+PONG\r\n"
+        if conn.write_all(b"INFO server\r\n").is_err() {
+            return false;
+        }
+        // A bulk string: `$LEN\r\n`, then LEN bytes.
+        let mut reply = std::io::BufReader::new(conn);
+        let mut header = String::new();
+        let Some(len) = reply
+            .read_line(&mut header)
+            .ok()
+            .and_then(|_| header.trim_end().strip_prefix('$')?.parse::<usize>().ok())
+        else {
+            return false;
+        };
+        let mut info = vec![0; len];
+        reply.read_exact(&mut info).is_ok()
+            && String::from_utf8_lossy(&info).contains(&format!("process_id:{pid}\r\n"))
     }
 
     /// `redis://127.0.0.1:PORT`.
