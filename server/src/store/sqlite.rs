@@ -125,8 +125,11 @@ pub struct SqliteStore {
     writer: Writer,
     /// The read connections.
     readers: Readers,
-    /// Held for the store's lifetime: the exclusive lock on the data dir.
-    _lock: File,
+    /// The exclusive lock on the data dir, held until the store is closed: not until the
+    /// last handle to it is dropped, which a task that is still ending may hold after the
+    /// server has stopped, so that a server started again in the same process would find
+    /// the dir in use.
+    lock: Mutex<Option<File>>,
     /// How many background checkpoints have run.
     #[cfg_attr(not(test), expect(dead_code, reason = "the tests wait on it"))]
     checkpoints: Arc<checkpoint::Done>,
@@ -155,7 +158,7 @@ impl SqliteStore {
             path,
             writer,
             readers: Readers::default(),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
             checkpoints,
         })
     }
@@ -559,6 +562,9 @@ impl Store for SqliteStore {
     fn close(&self) {
         let (done, _) = super::on_commit();
         self.writer.close(Write::Close(done));
+        // Nothing writes any more (the writer and checkpoint threads have exited, and a
+        // later write fails as closed): the dir is free for another server.
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -907,6 +913,33 @@ mod tests {
         let _first = SqliteStore::open(dir.path()).unwrap();
         let second = SqliteStore::open(dir.path());
         assert!(matches!(second, Err(StoreError::InUse(path)) if path == dir.path()));
+    }
+
+    /// A stopped server's store is closed while a task that is still ending may hold it:
+    /// the dir is free from the close, and what the first store committed is there.
+    #[test]
+    fn a_closed_store_lets_its_dir_go_while_still_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = SqliteStore::open(dir.path()).unwrap();
+        wait(&first, |s, done| s.create_room(room("r"), done)).unwrap();
+        wait(&first, |s, done| {
+            s.append(message("r", 1, "a"), done).commit()
+        })
+        .unwrap();
+        first.close();
+        let second = SqliteStore::open(dir.path()).expect("the dir is free once closed");
+        let seqs = |store: &SqliteStore| -> Vec<u64> {
+            let messages = store.read_after("r", 0, 10).unwrap();
+            messages.iter().map(|m| m.seq).collect()
+        };
+        assert_eq!(seqs(&second), [1]);
+        // The first store's last handle goes while the second is open.
+        drop(first);
+        wait(&second, |s, done| {
+            s.append(message("r", 2, "b"), done).commit()
+        })
+        .unwrap();
+        assert_eq!(seqs(&second), [1, 2]);
     }
 
     #[test]
