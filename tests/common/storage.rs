@@ -255,14 +255,15 @@ impl RedisServer {
         Ok(())
     }
 
-    /// Whether the process `pid` answers on the port. Another test's redis-server may
-    /// have taken the port first (ours then exits): its answer does not count.
+    /// Whether the process `pid` answers on the port, its data loaded. Another test's
+    /// redis-server may have taken the port first (ours then exits): its answer does not
+    /// count. `INFO` is answered while the AOF loads; `PING` only once it has.
     fn answers_as(&self, pid: u32) -> bool {
         let Ok(mut conn) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(1)));
-        if conn.write_all(b"INFO server\r\n").is_err() {
+        if conn.write_all(b"INFO server\r\nPING\r\n").is_err() {
             return false;
         }
         // A bulk string: `$LEN\r\n`, then LEN bytes.
@@ -275,9 +276,13 @@ impl RedisServer {
         else {
             return false;
         };
-        let mut info = vec![0; len];
+        // Then `\r\n`, and PING's `+PONG\r\n`.
+        let mut info = vec![0; len + 2];
+        let mut pong = [0u8; 7];
         reply.read_exact(&mut info).is_ok()
             && String::from_utf8_lossy(&info).contains(&format!("process_id:{pid}\r\n"))
+            && reply.read_exact(&mut pong).is_ok()
+            && &pong == b"+PONG\r\n"
     }
 
     /// `redis://127.0.0.1:PORT`.
