@@ -614,6 +614,11 @@ mod tests {
         rx.recv().unwrap()
     }
 
+    /// Appends `message`, leading its commit, and waits for the store's answer.
+    fn append_led(store: &SqliteStore, message: ChatMessage) -> Result<(), StoreError> {
+        wait(store, |s, done| s.append(message, done).commit())
+    }
+
     #[test]
     fn what_is_committed_is_there_after_reopening() {
         let dir = tempfile::tempdir().unwrap();
@@ -621,11 +626,7 @@ mod tests {
             let store = SqliteStore::open(dir.path()).unwrap();
             wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
             for seq in 1..=5 {
-                wait(&store, |s, done| {
-                    s.append(message("r", seq, &format!("id{seq}")), done)
-                        .commit()
-                })
-                .unwrap();
+                append_led(&store, message("r", seq, &format!("id{seq}"))).unwrap();
             }
         }
         let store = SqliteStore::open(dir.path()).unwrap();
@@ -673,10 +674,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
         wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
-        wait(&store, |s, done| {
-            s.append(message("r", 1, "a"), done).commit()
-        })
-        .unwrap();
+        append_led(&store, message("r", 1, "a")).unwrap();
         let most = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|scope| {
             for _ in 0..4 * MAX_READERS {
@@ -713,11 +711,7 @@ mod tests {
         let mut seq = 0;
         let mut append = |store: &SqliteStore| {
             seq += 1;
-            wait(store, |s, done| {
-                s.append(message("r", seq, &format!("id{seq}")), done)
-                    .commit()
-            })
-            .unwrap();
+            append_led(store, message("r", seq, &format!("id{seq}"))).unwrap();
         };
         // Past the soft point, then nothing more: only a checkpoint writes the database
         // file, and the writer checkpoints only from the hard point, so a file that grows
@@ -922,10 +916,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = SqliteStore::open(dir.path()).unwrap();
         wait(&first, |s, done| s.create_room(room("r"), done)).unwrap();
-        wait(&first, |s, done| {
-            s.append(message("r", 1, "a"), done).commit()
-        })
-        .unwrap();
+        append_led(&first, message("r", 1, "a")).unwrap();
         first.close();
         let second = SqliteStore::open(dir.path()).expect("the dir is free once closed");
         let seqs = |store: &SqliteStore| -> Vec<u64> {
@@ -935,10 +926,7 @@ mod tests {
         assert_eq!(seqs(&second), [1]);
         // The first store's last handle goes while the second is open.
         drop(first);
-        wait(&second, |s, done| {
-            s.append(message("r", 2, "b"), done).commit()
-        })
-        .unwrap();
+        append_led(&second, message("r", 2, "b")).unwrap();
         assert_eq!(seqs(&second), [1, 2]);
     }
 
@@ -948,10 +936,7 @@ mod tests {
         let store = SqliteStore::open(dir.path()).unwrap();
         wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
         for seq in 1..=10 {
-            wait(&store, |s, done| {
-                s.append(message("r", seq, &seq.to_string()), done).commit()
-            })
-            .unwrap();
+            append_led(&store, message("r", seq, &seq.to_string())).unwrap();
         }
         let keep_three = Retention {
             max_messages: Some(3),
