@@ -4,8 +4,13 @@
 //!
 //! Every open stream holds a codec buffer in each direction. tonic starts them at 8 KiB,
 //! which for a chat server holding thousands of mostly quiet streams is most of what an
-//! idle client costs; chat frames are a few hundred bytes. These start at 1 KiB and grow
-//! as a burst needs (the yield threshold, how much one write may gather, stays 32 KiB).
+//! idle client costs; chat frames are a few hundred bytes. These start at 256 bytes (one
+//! message's frame) and grow as a burst needs (the yield threshold, how much one write may
+//! gather, stays 32 KiB). The price is allocations: each encoded chunk is split off the
+//! buffer and is still in flight when the next is encoded, so a 256-byte buffer takes a
+//! new allocation about once per message where 1 KiB took one per four or five; a
+//! delivery costs two orders of magnitude more than a small allocation (BENCHMARKS.md
+//! has the A/B).
 //! The encoding itself is unchanged: a `ChatMessage` still writes its cached bytes.
 
 use std::marker::PhantomData;
@@ -19,7 +24,7 @@ use tonic::{
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// The starting size of each stream's encode and decode buffer.
-const BUFFER_SIZE: usize = 1024;
+const BUFFER_SIZE: usize = 256;
 /// How much one encoded chunk may gather before it is handed to HTTP/2 (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
