@@ -13,7 +13,7 @@ use common::{
 };
 use confab::pb::{
     ChatRequest, OutgoingMessage, PresenceKind, RoomPosition, SubscribeRequest,
-    chat_response::Event, subscribe_response,
+    chat_request::Command, chat_response::Event, subscribe_response,
 };
 use confab_server::Config;
 use tonic::Code;
@@ -395,6 +395,111 @@ async fn bad_commands_get_errors_and_the_stream_goes_on(engine: Engine) {
     assert_eq!(events.message().await.text, "still fine");
 }
 on_every_engine!(bad_commands_get_errors_and_the_stream_goes_on);
+
+/// Frames sent in one burst (which the server takes as one run where it can) are answered
+/// in the order sent: a refused frame between sends keeps its place, each ack comes before
+/// the message it acks, a retry within the burst is acked with its original's seq, and the
+/// messages take consecutive seqs in the order sent.
+async fn a_burst_of_frames_is_answered_in_the_order_sent(engine: Engine) {
+    let server = TestServer::start_on(engine).await;
+    let client = server.client("alice").await;
+    let mut events = Events::open(&client).await;
+    events.join("burst", None).await;
+    // A room that exists but is not joined on this stream.
+    client
+        .rpc()
+        .create_room(confab::pb::CreateRoomRequest {
+            room: "elsewhere".into(),
+            topic: String::new(),
+            private: false,
+        })
+        .await
+        .unwrap();
+    let sender = events.chat.sender();
+    let say = |id: &str| {
+        Some(Command::Send(OutgoingMessage {
+            room: "burst".into(),
+            text: format!("text of {id}"),
+            client_msg_id: id.into(),
+            kind: 0,
+        }))
+    };
+    let frames = [
+        say("m1"),
+        say("m2"),
+        None,
+        Some(Command::Send(OutgoingMessage {
+            room: "elsewhere".into(),
+            text: "not joined".into(),
+            client_msg_id: "x1".into(),
+            kind: 0,
+        })),
+        say("m3"),
+        Some(Command::Ping(confab::pb::Ping {
+            client_time_micros: 7,
+        })),
+        say("m1"),
+        say("m4"),
+    ];
+    for (n, command) in frames.into_iter().enumerate() {
+        sender
+            .send_frame(ChatRequest {
+                request_id: 100 + n as u64,
+                command,
+            })
+            .await
+            .unwrap();
+    }
+    let mut replies = Vec::new();
+    let mut order: Vec<String> = Vec::new();
+    while replies.len() < 8 || order.iter().filter(|e| e.starts_with("message")).count() < 4 {
+        let event = events.next().await;
+        let entry = match event.event.expect("an event") {
+            Event::Ack(ack) => format!("ack {} {} {}", ack.client_msg_id, ack.seq, ack.duplicate),
+            Event::Error(error) => format!("error {}", error.code),
+            Event::Pong(pong) => format!("pong {}", pong.client_time_micros),
+            Event::Message(m) => {
+                order.push(format!("message {} {}", m.client_msg_id, m.seq));
+                continue;
+            }
+            _ => continue,
+        };
+        order.push(entry.clone());
+        replies.push((event.request_id, entry));
+    }
+    assert_eq!(
+        replies,
+        vec![
+            (100, "ack m1 1 false".to_owned()),
+            (101, "ack m2 2 false".to_owned()),
+            (102, format!("error {}", Code::InvalidArgument as i32)),
+            (103, format!("error {}", Code::FailedPrecondition as i32)),
+            (104, "ack m3 3 false".to_owned()),
+            (105, "pong 7".to_owned()),
+            (106, "ack m1 1 true".to_owned()),
+            (107, "ack m4 4 false".to_owned()),
+        ]
+    );
+    let position = |what: &str| order.iter().position(|e| e == what).unwrap();
+    for (id, seq) in [("m1", 1), ("m2", 2), ("m3", 3), ("m4", 4)] {
+        assert!(
+            position(&format!("ack {id} {seq} false")) < position(&format!("message {id} {seq}")),
+            "{id}'s ack comes before its message: {order:?}"
+        );
+    }
+    let messages: Vec<_> = order.iter().filter(|e| e.starts_with("message")).collect();
+    assert_eq!(
+        messages,
+        [
+            "message m1 1",
+            "message m2 2",
+            "message m3 3",
+            "message m4 4"
+        ],
+        "each message once, in seq order"
+    );
+}
+on_every_engine!(a_burst_of_frames_is_answered_in_the_order_sent);
 
 /// A frame over the size limit is refused by the transport limit, not read into memory,
 /// and the server goes on serving others.

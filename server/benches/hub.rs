@@ -76,7 +76,7 @@ async fn round(readers: u64) -> Duration {
             client_msg_id: n.to_string(),
             kind: MessageKind::Text,
         };
-        hub.publish("room", "publisher", message).await.unwrap();
+        hub.publish_one("room", "publisher", message).await.unwrap();
     }
     for task in tasks {
         task.await.unwrap();
@@ -144,7 +144,7 @@ async fn sends(hub: &Arc<Hub>, room: &str, round: u64) -> Duration {
                     client_msg_id: format!("{round}-{n}"),
                     kind: MessageKind::Text,
                 };
-                hub.publish("room", &name, message).await.unwrap();
+                hub.publish_one("room", &name, message).await.unwrap();
             }
         }));
     }

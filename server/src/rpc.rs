@@ -8,6 +8,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use confab::pb::{self, chat_service_server::ChatService, subscribe_response};
+use futures::{FutureExt as _, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
@@ -16,6 +17,7 @@ use crate::{
     auth::{AuthMode, Identity, Nicknames, ProviderToken, caller},
     cursor::Cursor,
     cursor_set::CursorSet,
+    engine::MAX_RUN,
     error::{ChatError, quote},
     hub::Hub,
     limits::StreamGuard,
@@ -25,7 +27,7 @@ use crate::{
     pagination,
     session::Session,
     stall::Watchdog,
-    validate,
+    validate::{self, Outgoing},
 };
 
 /// The service state shared by every call.
@@ -153,19 +155,12 @@ impl ChatServer {
         }))
     }
 
-    /// Checks and appends one message from `sender`; resolves once it is committed.
-    async fn publish(
-        &self,
-        sender: &str,
-        message: Option<pb::OutgoingMessage>,
-    ) -> Result<(String, crate::engine::Published), ChatError> {
+    /// Checks a message to publish, named `message` in the request.
+    fn check(&self, message: Option<pb::OutgoingMessage>) -> Result<Outgoing, ChatError> {
         let message =
             message.ok_or_else(|| ChatError::invalid("message", "a message is required"))?;
-        let message = validate::outgoing(message, self.max_text_bytes)
-            .map_err(|v| ChatError::InvalidArgument(v.within("message")))?;
-        let room = message.room.clone();
-        let published = self.hub.publish("message.room", sender, message).await?;
-        Ok((room, published))
+        validate::outgoing(message, self.max_text_bytes)
+            .map_err(|v| ChatError::InvalidArgument(v.within("message")))
     }
 }
 
@@ -370,8 +365,10 @@ impl ChatService for ChatServer {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let user = caller(&request)?;
-        let (_, published) = self
-            .publish(&user.nickname, request.into_inner().message)
+        let message = self.check(request.into_inner().message)?;
+        let published = self
+            .hub
+            .publish_one("message.room", &user.nickname, message)
             .await?;
         Ok(Response::new(pb::PublishResponse {
             seq: published.seq,
@@ -388,37 +385,61 @@ impl ChatService for ChatServer {
         let mut summary = pb::PublishBatchResponse::default();
         let mut ranges: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut index: u32 = 0;
-        loop {
+        let mut ended = false;
+        while !ended {
             let item = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Err(ChatError::ShuttingDown.into()),
                 item = inbound.message() => item?,
             };
             let Some(item) = item else { break };
-            // Echoed in a rejection only when it could be a key: a summary never repeats
-            // more than a key's worth of a client's bytes per message.
-            let client_msg_id = item
-                .message
-                .as_ref()
-                .map(|m| &m.client_msg_id)
-                .filter(|id| id.len() <= validate::MAX_CLIENT_MSG_ID)
-                .cloned()
-                .unwrap_or_default();
-            match self.publish(&user.nickname, item.message).await {
-                Ok((room, published)) => {
-                    summary.accepted += 1;
-                    let range = ranges.entry(room).or_insert((published.seq, published.seq));
-                    range.0 = range.0.min(published.seq);
-                    range.1 = range.1.max(published.seq);
+            // The items already here go as one run, committed together.
+            let mut items = vec![item];
+            while !ended && items.len() < MAX_RUN {
+                match inbound.next().now_or_never() {
+                    Some(Some(item)) => items.push(item?),
+                    Some(None) => ended = true,
+                    None => break,
                 }
-                Err(ChatError::Engine(error)) => return Err(ChatError::Engine(error).into()),
-                Err(error) => summary.rejected.push(pb::PublishRejection {
-                    index,
-                    client_msg_id,
-                    error: Some(error.to_command_error()),
-                }),
             }
-            index = index.saturating_add(1);
+            let (ids, run): (Vec<_>, Vec<_>) = items
+                .into_iter()
+                .map(|item| {
+                    // Echoed in a rejection only when it could be a key: a summary never
+                    // repeats more than a key's worth of a client's bytes per message.
+                    let client_msg_id = item
+                        .message
+                        .as_ref()
+                        .map(|m| &m.client_msg_id)
+                        .filter(|id| id.len() <= validate::MAX_CLIENT_MSG_ID)
+                        .cloned()
+                        .unwrap_or_default();
+                    let message = self.check(item.message);
+                    let room = message.as_ref().map(|m| m.room.clone()).unwrap_or_default();
+                    ((client_msg_id, room), message)
+                })
+                .unzip();
+            let published = self
+                .hub
+                .publish("message.room", &user.nickname, run, |_| Ok(()))
+                .await;
+            for ((client_msg_id, room), published) in ids.into_iter().zip(published) {
+                match published {
+                    Ok(published) => {
+                        summary.accepted += 1;
+                        let range = ranges.entry(room).or_insert((published.seq, published.seq));
+                        range.0 = range.0.min(published.seq);
+                        range.1 = range.1.max(published.seq);
+                    }
+                    Err(ChatError::Engine(error)) => return Err(ChatError::Engine(error).into()),
+                    Err(error) => summary.rejected.push(pb::PublishRejection {
+                        index,
+                        client_msg_id,
+                        error: Some(error.to_command_error()),
+                    }),
+                }
+                index = index.saturating_add(1);
+            }
         }
         summary.seq_ranges = ranges
             .into_iter()

@@ -17,12 +17,13 @@
 use std::{collections::HashMap, sync::Arc};
 
 use confab::pb::{self, ChatRequest, ChatResponse, chat_request::Command, chat_response::Event};
-use futures::{StreamExt as _, stream};
+use futures::{FutureExt as _, StreamExt as _, stream};
 use tonic::Streaming;
 
 use crate::{
     auth::{AuthMode, Identity, StreamClaim},
     cursor::{Delivery, DeliveryStream},
+    engine::MAX_RUN,
     error::{ChatError, quote},
     hub::{Hub, Moderation, Presence},
     limits::StreamGuard,
@@ -130,31 +131,79 @@ impl Session {
                 // Boxed: a command's future is the largest of the loop's (1.4 KB), and
                 // inline it would sit in every open stream's task while idle; commands
                 // are rare beside deliveries, so one allocation each is the cheaper side.
-                if let Err(end) = Box::pin(self.apply(frame, out)).await {
+                if let Err(end) = Box::pin(self.apply_ready(frame, inbound, out)).await {
                     return end;
                 }
             }
         }
     }
 
-    /// Applies one client frame and sends its reply.
-    async fn apply(&mut self, frame: ChatRequest, out: &Outbound<ChatResponse>) -> Result<(), End> {
-        // No room event goes out until the reply has: `Joined` before the history that
+    /// Applies `frame` and, when it is a send, the frames the client sent behind it that
+    /// are here already (never waiting for one): a run of sends goes to the hub together,
+    /// so that one commit carries the run, and each is acked in order. The run ends at the
+    /// first frame that is not a valid send, which is applied after it.
+    async fn apply_ready(
+        &mut self,
+        frame: ChatRequest,
+        inbound: &mut Streaming<ChatRequest>,
+        out: &Outbound<ChatResponse>,
+    ) -> Result<(), End> {
+        // No room event goes out until the replies have: `Joined` before the history that
         // follows it, an `Ack` before the message it acks.
         let _hold = out.hold();
-        let request_id = frame.request_id;
-        let Some(command) = frame.command else {
-            let error = ChatError::invalid(
+        let mut sends = Vec::new();
+        let mut next = Some(frame);
+        let mut end = None;
+        while let Some(frame) = next.take() {
+            let request_id = frame.request_id;
+            match self.check(frame) {
+                Ok(Command::Send(message)) => {
+                    sends.push((request_id, validate::Outgoing::checked(message)));
+                    if sends.len() < MAX_RUN {
+                        match inbound.next().now_or_never() {
+                            Some(Some(Ok(frame))) => next = Some(frame),
+                            Some(Some(Err(status))) => end = Some(inbound_failure(status)),
+                            Some(None) => end = Some(End::ClientDone),
+                            None => {}
+                        }
+                    }
+                }
+                command => {
+                    self.send(std::mem::take(&mut sends), out).await?;
+                    self.leave_put_out(out);
+                    self.apply(request_id, command, out).await?;
+                }
+            }
+        }
+        self.send(sends, out).await?;
+        end.map_or(Ok(()), Err)
+    }
+
+    /// The frame's command, every field checked (the handlers below rely on it).
+    fn check(&self, frame: ChatRequest) -> Result<Command, ChatError> {
+        let command = frame.command.ok_or_else(|| {
+            ChatError::invalid(
                 "command",
                 "the frame has no command: set one of join, leave, send, typing, ping, \
                  set_topic, invite, kick, ban, rename",
-            );
-            return refuse(out, request_id, error).await;
+            )
+        })?;
+        validate::command(&command, self.max_text_bytes).map_err(ChatError::InvalidArgument)?;
+        Ok(command)
+    }
+
+    /// Applies one checked command (or answers why it was refused) and sends its reply;
+    /// the caller holds the rooms' events back.
+    async fn apply(
+        &mut self,
+        request_id: u64,
+        command: Result<Command, ChatError>,
+        out: &Outbound<ChatResponse>,
+    ) -> Result<(), End> {
+        let command = match command {
+            Ok(command) => command,
+            Err(error) => return refuse(out, request_id, error).await,
         };
-        // Every field of the command is checked here, once; the handlers below rely on it.
-        if let Err(violation) = validate::command(&command, self.max_text_bytes) {
-            return refuse(out, request_id, ChatError::InvalidArgument(violation)).await;
-        }
         let reply = match command {
             Command::Join(join) => match self.join(join).await {
                 Ok((joined, room, stream)) => {
@@ -178,11 +227,10 @@ impl Session {
                     }))
                 })
                 .map_err(|e| e.within("leave")),
-            Command::Send(message) => self
-                .send(message)
-                .await
-                .map(|ack| Some(Event::Ack(ack)))
-                .map_err(|e| e.within("send")),
+            Command::Send(message) => {
+                let run = vec![(request_id, validate::Outgoing::checked(message))];
+                return self.send(run, out).await;
+            }
             Command::Typing(typing) => self
                 .typing(typing)
                 .await
@@ -316,21 +364,52 @@ impl Session {
         Ok(room.to_owned())
     }
 
-    async fn send(&mut self, message: pb::OutgoingMessage) -> Result<pb::Ack, ChatError> {
-        let message = validate::Outgoing::checked(message);
-        self.joined("room", &message.room).await?;
-        let room = message.room.clone();
-        let client_msg_id = message.client_msg_id.clone();
+    /// Sends a run of checked messages (each with its frame's request id) and acks or
+    /// refuses each, in order.
+    async fn send(
+        &self,
+        run: Vec<(u64, validate::Outgoing)>,
+        out: &Outbound<ChatResponse>,
+    ) -> Result<(), End> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let mut replies = Vec::with_capacity(run.len());
+        let mut messages = Vec::with_capacity(run.len());
+        for (request_id, message) in run {
+            replies.push((
+                request_id,
+                message.room.clone(),
+                message.client_msg_id.clone(),
+            ));
+            messages.push(Ok(message));
+        }
+        let rooms = &self.rooms;
         let published = self
             .hub
-            .publish("room", &self.user.nickname, message)
-            .await?;
-        Ok(pb::Ack {
-            room,
-            client_msg_id,
-            seq: published.seq,
-            duplicate: published.duplicate,
-        })
+            .publish("room", &self.user.nickname, messages, |room| {
+                if rooms.contains_key(room) {
+                    Ok(())
+                } else {
+                    Err(not_joined("room", room))
+                }
+            })
+            .await;
+        for ((request_id, room, client_msg_id), published) in replies.into_iter().zip(published) {
+            match published {
+                Ok(published) => {
+                    let ack = pb::Ack {
+                        room,
+                        client_msg_id,
+                        seq: published.seq,
+                        duplicate: published.duplicate,
+                    };
+                    out.send(reply_to(request_id, Event::Ack(ack))).await?;
+                }
+                Err(error) => refuse(out, request_id, error.within("send")).await?,
+            }
+        }
+        Ok(())
     }
 
     async fn typing(&mut self, typing: pb::SetTyping) -> Result<(), ChatError> {
@@ -387,14 +466,19 @@ impl Session {
             return Ok(());
         }
         self.hub.room(field, room).await?;
-        Err(ChatError::precondition(
-            field,
-            format!(
-                "room {} is not joined on this stream; join it first",
-                quote(room)
-            ),
-        ))
+        Err(not_joined(field, room))
     }
+}
+
+/// FAILED_PRECONDITION: `room`, named by `field`, is not joined on this stream.
+fn not_joined(field: &str, room: &str) -> ChatError {
+    ChatError::precondition(
+        field,
+        format!(
+            "room {} is not joined on this stream; join it first",
+            quote(room)
+        ),
+    )
 }
 
 /// A decode failure or a frame over the size limit ends the stream with its status: the

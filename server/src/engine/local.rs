@@ -4,11 +4,13 @@
 //! A room appends under a short std `Mutex`: check the idempotency key, take the next
 //! seq, and hand the message to the store. The store may hand back the commit (a
 //! [`Lead`]: no commit was under way), which the sender's task runs once the lock is let
-//! go: one small commit on a runtime worker, with no hand-off to the store's thread. When
-//! the store has committed it, the store's callback (in seq order) advances the room's
-//! committed seq and delivers the message to the room's feed; only then is the sender
-//! acked. So readers and senders only ever see committed messages, and a seq once seen
-//! is never reused, even across a crash.
+//! go: one small commit on a runtime worker, with no hand-off to the store's thread. A
+//! sender's run of messages (the sends a stream had already buffered) all take their
+//! places before that commit, so one commit carries the run. When the store has
+//! committed a message, the store's callback (in seq order) advances the room's committed
+//! seq and delivers the message to the room's feed; only then is the sender acked. So
+//! readers and senders only ever see committed messages, and a seq once seen is never
+//! reused, even across a crash.
 
 use std::{
     collections::BTreeSet,
@@ -81,19 +83,78 @@ struct LocalState {
     recent: RecentSends,
 }
 
-/// What `LocalEngine::append` does next, decided under the room's lock.
+/// What [`LocalEngine::place`] does next, decided under the room's lock.
 enum Step {
     /// Wait for this commit (of the message, or of the original it repeats).
     Wait {
         seq: u64,
         duplicate: bool,
         commit: Commit,
-        /// The store's commit, for this task to run once the room's lock is released.
+        /// The store's commit, when no commit was under way (see [`RunLead`]).
         lead: Lead,
     },
     /// Look the key up in the store (off the lock), which must have committed at least
     /// this seq for the answer to be exact.
     Lookup { committed: u64 },
+}
+
+/// Where a message of a run stands once it has its place.
+enum Placed {
+    /// A retry of a message the store holds: committed long ago.
+    Stored(Published),
+    /// Its seq (or the original's, for a retry) and the commit to wait for.
+    Waiting {
+        seq: u64,
+        duplicate: bool,
+        commit: Commit,
+    },
+}
+
+/// The store's commit, when one of a run's messages found none under way: the run's task
+/// runs it once every message has its place, and the rooms whose readers it wakes.
+#[derive(Default)]
+struct RunLead {
+    lead: Option<Lead>,
+    /// The rooms of the run's new messages, each once.
+    rooms: Vec<Arc<LocalRoom>>,
+}
+
+impl RunLead {
+    /// A new message of `room` was queued, handing back `lead`.
+    fn queued(&mut self, room: &Arc<LocalRoom>, lead: Lead) {
+        if lead.is_held() {
+            self.lead = Some(lead);
+        }
+        if !self.rooms.iter().any(|r| Arc::ptr_eq(r, room)) {
+            self.rooms.push(room.clone());
+        }
+    }
+
+    /// Commits what has queued, on this task, if the run holds the lead; or hands it to
+    /// the store's thread.
+    ///
+    /// With the rooms' locks let go: a commit here holds up no one else in the rooms, and
+    /// anyone who queued meanwhile shares it. Not when the commit wakes more readers than
+    /// a runtime worker's local queue holds well: woken from a worker, they would overflow
+    /// it and be run out of order (fan-out 1,000 × 500 msg/s: p50 13 against 8.5 ms);
+    /// woken from the store's thread, they queue in order.
+    ///
+    /// No yield after the commit, though it is blocking work that tokio's budget counts as
+    /// one step of 128: a sender whose frames are buffered commits up to 128 runs in a
+    /// row before its worker runs anything else. Yielding after each message's commit put
+    /// the publisher behind every connection's task, one message per write: fan-out 100 ×
+    /// 10,000 msg/s went from p50 3 ms to 22 s. Counting a commit as eight steps (a yield
+    /// every 16) still cost p99: 32–136 against 8–25 ms at 12,000 msg/s.
+    fn commit(&mut self) {
+        let rooms = std::mem::take(&mut self.rooms);
+        if let Some(lead) = self.lead.take() {
+            if rooms.iter().map(|room| room.readers()).sum::<usize>() <= LEAD_READERS {
+                lead.commit();
+            } else {
+                drop(lead);
+            }
+        }
+    }
 }
 
 impl LocalRoom {
@@ -263,6 +324,102 @@ impl LocalEngine {
             .await
             .map_err(|_| StoreError::ReadPanicked)?
     }
+
+    /// Gives `sender`'s `message` its place in its room (unless its idempotency key was
+    /// used within the dedupe window): its seq and its turn in the store's queue, or, for
+    /// a retry, the original's. The commit is left to the run ([`RunLead`]).
+    async fn place(
+        &self,
+        sender: &str,
+        message: Outgoing,
+        charge: Charge<'_>,
+        lead: &mut RunLead,
+    ) -> Result<Placed, ChatError> {
+        let local = self.local(&message.room)?;
+        let mut key = (sender.to_owned(), message.client_msg_id.clone());
+        let mut message = Some(message);
+        // The committed seq at the last store lookup that found nothing.
+        let mut looked_up: Option<u64> = None;
+        // The room's lock is held only for memory work: the recent keys, the seq, handing
+        // the message to the store's queue. When the key is not recent but could be a
+        // stored one (after a restart, or once it was forgotten), the store is asked on a
+        // blocking thread with the lock released; then, under the lock again, the answer
+        // counts only if the store had committed every forgotten key by then
+        // (`RecentSends`), and a key sent meanwhile is in the recent keys. Otherwise it
+        // asks again, so a retry within the dedupe window is always acked with its
+        // original seq.
+        loop {
+            let since = SystemTime::now() - self.dedupe_window;
+            let step = {
+                let mut state = local.state();
+                if let Some((seq, commit)) = state.recent.get(&key, since) {
+                    // A retry of a recent send (a client resending what it sent before a
+                    // reconnect) costs no token: it stores nothing.
+                    Step::Wait {
+                        seq,
+                        duplicate: true,
+                        commit,
+                        lead: Lead::none(),
+                    }
+                } else {
+                    if looked_up.is_none() {
+                        // Before the store is asked about older sends: a refused flood
+                        // costs no read.
+                        charge()?;
+                    }
+                    let exact = looked_up
+                        .is_some_and(|committed| state.recent.forgotten_through <= committed);
+                    if !exact && state.recent.may_be_stored(&key, since) {
+                        Step::Lookup {
+                            committed: local.committed(),
+                        }
+                    } else {
+                        let Some(message) = message.take() else {
+                            unreachable!("a message is appended once: the loop ends here");
+                        };
+                        // Taken, not cloned: the loop ends with this step.
+                        let key = std::mem::take(&mut key);
+                        let (seq, commit, queued) = self.assign(&local, &mut state, key, message);
+                        Step::Wait {
+                            seq,
+                            duplicate: false,
+                            commit,
+                            lead: queued,
+                        }
+                    }
+                }
+            };
+            match step {
+                Step::Wait {
+                    seq,
+                    duplicate,
+                    commit,
+                    lead: queued,
+                } => {
+                    if !duplicate {
+                        lead.queued(&local, queued);
+                    }
+                    return Ok(Placed::Waiting {
+                        seq,
+                        duplicate,
+                        commit,
+                    });
+                }
+                Step::Lookup { committed } => {
+                    // No lead is held through a read: everyone's commits would wait on it.
+                    lead.commit();
+                    if let Some(seq) = self.find_sent(&local.name, sender, &key.1, since).await? {
+                        // Found in the store: committed already.
+                        return Ok(Placed::Stored(Published {
+                            seq,
+                            duplicate: true,
+                        }));
+                    }
+                    looked_up = Some(committed);
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -338,112 +495,36 @@ impl Engine for LocalEngine {
 
     async fn append(
         &self,
-        room: &str,
         sender: &str,
-        message: Outgoing,
+        run: Vec<Outgoing>,
         charge: Charge<'_>,
-    ) -> Result<Published, ChatError> {
-        let local = self.local(room)?;
-        let mut key = (sender.to_owned(), message.client_msg_id.clone());
-        let mut message = Some(message);
-        // The committed seq at the last store lookup that found nothing.
-        let mut looked_up: Option<u64> = None;
-        // The room's lock is held only for memory work: the recent keys, the seq, handing
-        // the message to the store's queue. When the key is not recent but could be a
-        // stored one (after a restart, or once it was forgotten), the store is asked on a
-        // blocking thread with the lock released; then, under the lock again, the answer
-        // counts only if the store had committed every forgotten key by then
-        // (`RecentSends`), and a key sent meanwhile is in the recent keys. Otherwise it
-        // asks again, so a retry within the dedupe window is always acked with its
-        // original seq.
-        let (seq, duplicate, commit) = loop {
-            let since = SystemTime::now() - self.dedupe_window;
-            let step = {
-                let mut state = local.state();
-                if let Some((seq, commit)) = state.recent.get(&key, since) {
-                    // A retry of a recent send (a client resending what it sent before a
-                    // reconnect) costs no token: it stores nothing.
-                    Step::Wait {
-                        seq,
-                        duplicate: true,
-                        commit,
-                        lead: Lead::none(),
-                    }
-                } else {
-                    if looked_up.is_none() {
-                        // Before the store is asked about older sends: a refused flood
-                        // costs no read.
-                        charge()?;
-                    }
-                    let exact = looked_up
-                        .is_some_and(|committed| state.recent.forgotten_through <= committed);
-                    if !exact && state.recent.may_be_stored(&key, since) {
-                        Step::Lookup {
-                            committed: local.committed(),
-                        }
-                    } else {
-                        let Some(message) = message.take() else {
-                            unreachable!("a message is appended once: the loop ends here");
-                        };
-                        // Taken, not cloned: the loop ends with this step.
-                        let key = std::mem::take(&mut key);
-                        let (seq, commit, lead) = self.assign(&local, &mut state, key, message);
-                        Step::Wait {
-                            seq,
-                            duplicate: false,
-                            commit,
-                            lead,
-                        }
-                    }
-                }
-            };
-            match step {
-                Step::Wait {
+    ) -> Vec<Result<Published, ChatError>> {
+        // Every message takes its place first (its seq, its turn in the store's queue);
+        // only then does the run's lead commit, so that one commit carries the whole run
+        // instead of one commit each.
+        let mut lead = RunLead::default();
+        let mut placed = Vec::with_capacity(run.len());
+        for message in run {
+            placed.push(self.place(sender, message, charge, &mut lead).await);
+        }
+        lead.commit();
+        let mut published = Vec::with_capacity(placed.len());
+        for place in placed {
+            published.push(match place {
+                Ok(Placed::Stored(stored)) => Ok(stored),
+                Ok(Placed::Waiting {
                     seq,
                     duplicate,
                     commit,
-                    lead,
-                } => {
-                    // With the room's lock let go: a commit here holds up no one else
-                    // in the room, and anyone who queued meanwhile shares it. Not when
-                    // the commit wakes more readers than a runtime worker's local queue
-                    // holds well: woken from a worker, they would overflow it and be
-                    // run out of order (fan-out 1,000 × 500 msg/s: p50 13 against 8.5
-                    // ms); woken from the store's thread, they queue in order.
-                    //
-                    // No yield after the commit, though it is blocking work that tokio's
-                    // budget counts as one step of 128: a sender whose frames are
-                    // buffered (a `PublishBatch`) commits up to 128 in a row before its
-                    // worker runs anything else (128 × 27 µs, the store bench's commit:
-                    // 3.5 ms in a release build). Yielding after each one put the
-                    // publisher behind every connection's task, one message per write:
-                    // fan-out 100 × 10,000 msg/s went from p50 3 ms to 22 s. Counting a
-                    // commit as eight steps (a yield every 16) still cost p99: 32–136
-                    // against 8–25 ms at 12,000 msg/s.
-                    if lead.is_held() && local.readers() <= LEAD_READERS {
-                        lead.commit();
-                    } else {
-                        drop(lead);
-                    }
-                    break (seq, duplicate, commit);
-                }
-                Step::Lookup { committed } => {
-                    if let Some(seq) = self.find_sent(room, sender, &key.1, since).await? {
-                        // Found in the store: committed already.
-                        return Ok(Published {
-                            seq,
-                            duplicate: true,
-                        });
-                    }
-                    looked_up = Some(committed);
-                }
-            }
-        };
-        match commit.await {
-            Ok(Ok(())) => Ok(Published { seq, duplicate }),
-            Ok(Err(error)) => Err(EngineError::from(error).into()),
-            Err(_) => Err(EngineError::from(StoreError::Closed).into()),
+                }) => match commit.await {
+                    Ok(Ok(())) => Ok(Published { seq, duplicate }),
+                    Ok(Err(error)) => Err(EngineError::from(error).into()),
+                    Err(_) => Err(EngineError::from(StoreError::Closed).into()),
+                },
+                Err(error) => Err(error),
+            });
         }
+        published
     }
 
     async fn set_topic(&self, room: &str, by: &str, topic: &str) -> Result<(), EngineError> {

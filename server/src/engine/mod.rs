@@ -4,7 +4,7 @@
 //! changes with it is here:
 //!
 //! * assigning a room's seq (atomically, once per message, whichever node the sender is
-//!   on) and idempotency keys ([`Engine::append`]);
+//!   on) and idempotency keys ([`Engine::append`], a sender's run of messages at a time);
 //! * the log: read after or before a seq, its first seq, retention;
 //! * room state: owner, topic, private, invites, bans;
 //! * presence across nodes ([`Engine::presence`]) and ephemeral notices
@@ -164,6 +164,10 @@ pub(crate) fn new_epoch() -> String {
     format!("{:016x}", rand::rng().random::<u64>())
 }
 
+/// The most messages one run takes ([`Engine::append`]): as many as the SQLite store's
+/// caller-led commit takes at once.
+pub const MAX_RUN: usize = 64;
+
 /// Decides whether a new message may be sent (the sender's rate); called only for a send
 /// that is not a retry of one already stored, where the engine can tell.
 pub type Charge<'a> = &'a (dyn Fn() -> Result<(), ChatError> + Send + Sync);
@@ -204,16 +208,18 @@ pub trait Engine: Send + Sync + 'static {
     /// (events held since, then everything after), until `feed` is dropped.
     fn feed(&self, room: &str, feed: Weak<dyn Feed>);
 
-    /// Appends `message` from `sender` unless its idempotency key was used within the
-    /// dedupe window; resolves once the message (or the original it repeats) is committed,
-    /// which is when the feed has it or is about to.
+    /// Appends a run of `sender`'s messages (each to its `room`, which exists), in order,
+    /// each unless its idempotency key was used within the dedupe window; resolves once
+    /// every message (or the original it repeats) is committed, which is when the feed has
+    /// it or is about to. One result per message, in the run's order: a message refused
+    /// (by `charge`, say) does not stop the rest. An engine may commit a run together, but
+    /// its messages take their seqs in the run's order.
     async fn append(
         &self,
-        room: &str,
         sender: &str,
-        message: Outgoing,
+        run: Vec<Outgoing>,
         charge: Charge<'_>,
-    ) -> Result<Published, ChatError>;
+    ) -> Vec<Result<Published, ChatError>>;
 
     /// Sets `room`'s topic; every node's feed hears of it once it is stored.
     async fn set_topic(&self, room: &str, by: &str, topic: &str) -> Result<(), EngineError>;

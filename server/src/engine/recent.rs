@@ -25,7 +25,7 @@ pub(super) type Commit = Shared<oneshot::Receiver<Result<(), StoreError>>>;
 /// forgotten ones) a fingerprint is kept, so that a new key, whose fingerprint is not
 /// among them, needs no store read at all; a matching fingerprint (a retry, or rarely a
 /// collision) is looked up. `forgotten_through` makes that lookup exact (see
-/// `LocalEngine::append`): every key with a higher seq is here.
+/// `LocalEngine::place`): every key with a higher seq is here.
 #[derive(Debug)]
 pub(super) struct RecentSends {
     by_key: HashMap<(String, String), (u64, SystemTime, Commit)>,

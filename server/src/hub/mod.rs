@@ -28,7 +28,7 @@ pub use presence::Presence;
 pub use room::{Room, RoomEvent};
 
 use crate::{
-    engine::{Engine, Feed, Published},
+    engine::{Engine, EngineError, Feed, Published},
     error::ChatError,
     limits::Limits,
     metrics::Metrics,
@@ -206,16 +206,68 @@ impl Hub {
         }
     }
 
-    /// Appends `message` from `sender` to its room (which must exist); resolves once it is
-    /// committed.
-    pub async fn publish(
+    /// Appends one message of `sender`'s to its room: [`Self::publish`] with a run of one.
+    pub async fn publish_one(
         &self,
         field: &str,
         sender: &str,
         message: Outgoing,
     ) -> Result<Published, ChatError> {
-        let room = self.room(field, &message.room).await?;
-        room.append(&self.limits, sender, message).await
+        let mut published = self
+            .publish(field, sender, vec![Ok(message)], |_| Ok(()))
+            .await;
+        published.pop().expect("one result per message")
+    }
+
+    /// Appends a run of `sender`'s messages, each to its room, in order: NOT_FOUND for a
+    /// room that does not exist, `may_send`'s refusal, or PERMISSION_DENIED where `sender`
+    /// may not be. A message the caller refused already keeps its place in the run with its
+    /// refusal. Resolves once every message is committed (or refused), with one result per
+    /// message, in the run's order; a refused message does not stop the rest.
+    pub async fn publish(
+        &self,
+        field: &str,
+        sender: &str,
+        run: Vec<Result<Outgoing, ChatError>>,
+        may_send: impl Fn(&str) -> Result<(), ChatError>,
+    ) -> Vec<Result<Published, ChatError>> {
+        // Per message, its refusal, if any; the rest go to the engine together.
+        let mut refused = Vec::with_capacity(run.len());
+        let mut admitted = Vec::with_capacity(run.len());
+        for message in run {
+            let admitted_here = async |message: Outgoing| {
+                let room = self.room(field, &message.room).await?;
+                may_send(&message.room)?;
+                room.admit(sender)?;
+                Ok::<_, ChatError>(message)
+            };
+            let checked = match message {
+                Ok(message) => admitted_here(message).await,
+                Err(error) => Err(error),
+            };
+            match checked {
+                Ok(message) => {
+                    refused.push(None);
+                    admitted.push(message);
+                }
+                Err(error) => refused.push(Some(error)),
+            }
+        }
+        let limits = &self.limits;
+        let mut appended = self
+            .engine
+            .append(sender, admitted, &|| limits.send(sender))
+            .await
+            .into_iter();
+        refused
+            .into_iter()
+            .map(|refused| match refused {
+                Some(error) => Err(error),
+                None => appended.next().unwrap_or_else(|| {
+                    Err(EngineError::Protocol("the engine lost a message of a run".into()).into())
+                }),
+            })
+            .collect()
     }
 }
 
@@ -267,7 +319,7 @@ mod tests {
     }
 
     async fn say(hub: &Hub, room: &str, text: &str) -> Published {
-        hub.publish(
+        hub.publish_one(
             "room",
             "alice",
             Outgoing {
@@ -299,7 +351,7 @@ mod tests {
         }
         assert_eq!(say(&hub, "r", "b").await.seq, 2, "the burst's second token");
         let refused = hub
-            .publish(
+            .publish_one(
                 "room",
                 "alice",
                 Outgoing {
@@ -496,7 +548,7 @@ mod tests {
             client_msg_id: id.into(),
             kind: MessageKind::Text,
         };
-        hub.publish("room", sender, message).await.unwrap()
+        hub.publish_one("room", sender, message).await.unwrap()
     }
 
     type StoreResult = Result<Vec<ChatMessage>, StoreError>;
@@ -601,6 +653,69 @@ mod tests {
         release.send(()).unwrap();
         assert_eq!(alice.await.unwrap().seq, 1);
         assert_eq!(bob.await.unwrap().seq, 2);
+    }
+
+    /// A run's messages all take their places (seq, store queue) before its lead commits
+    /// them, together; a message refused within the run keeps its place among the results,
+    /// and a retry within the run waits for its original.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_of_sends_is_placed_whole_then_committed_together() {
+        let (store, told, release) = Gated::new(MemoryStore::new(), Held::FirstLead);
+        let hub = gated_hub(store);
+        hub.open_room("r", "alice").await.unwrap();
+        let message = |room: &str, id: &str| {
+            Ok(Outgoing {
+                room: room.into(),
+                text: "hi".into(),
+                client_msg_id: id.into(),
+                kind: MessageKind::Text,
+            })
+        };
+        let run = vec![
+            message("r", "a1"),
+            message("nowhere", "a2"),
+            Err(ChatError::invalid("text", "refused by the caller")),
+            message("r", "a3"),
+            message("r", "a1"),
+            message("r", "a4"),
+        ];
+        let published = tokio::spawn({
+            let hub = hub.clone();
+            async move { hub.publish("room", "alice", run, |_| Ok(())).await }
+        });
+        let wait = Duration::from_secs(20);
+        for n in 1..=3 {
+            assert_eq!(
+                told.recv_timeout(wait),
+                Ok("appended"),
+                "new message {n} of the run is queued"
+            );
+        }
+        assert_eq!(
+            told.recv_timeout(wait),
+            Ok("leading"),
+            "the lead commits once every message has its place"
+        );
+        release.send(()).unwrap();
+        let published = published.await.unwrap();
+        let outcome: Vec<_> = published
+            .iter()
+            .map(|p| match p {
+                Ok(p) => Ok((p.seq, p.duplicate)),
+                Err(e) => Err(e.to_string()),
+            })
+            .collect();
+        assert_eq!(
+            outcome,
+            vec![
+                Ok((1, false)),
+                Err("room \"nowhere\" does not exist".to_owned()),
+                Err("invalid text: refused by the caller".to_owned()),
+                Ok((2, false)),
+                Ok((1, true)),
+                Ok((3, false)),
+            ]
+        );
     }
 
     async fn next_seq(cursor: &mut Cursor) -> u64 {

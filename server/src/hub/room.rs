@@ -26,13 +26,11 @@ use super::{
 };
 use crate::{
     cursor::Cursor,
-    engine::{Attached, Engine, Feed, FeedEvent, PresenceChange, Published, Removal},
+    engine::{Attached, Engine, Feed, FeedEvent, PresenceChange, Removal},
     error::{ChatError, quote},
-    limits::Limits,
     metrics::Metrics,
     nickname,
     store::{Access, RoomRecord},
-    validate::Outgoing,
 };
 
 /// How long a join waits for the engine to count the user present.
@@ -193,21 +191,6 @@ impl Room {
     ) -> Result<(Vec<String>, bool), ChatError> {
         let members = self.engine.members(&self.name).await?;
         Ok(page(members.iter(), after, limit))
-    }
-
-    /// Appends a message from `sender` (PERMISSION_DENIED if they may not be here), unless
-    /// its idempotency key was seen already; resolves once the message (or the original it
-    /// repeats) is committed.
-    pub(super) async fn append(
-        &self,
-        limits: &Limits,
-        sender: &str,
-        message: Outgoing,
-    ) -> Result<Published, ChatError> {
-        self.admit(sender)?;
-        self.engine
-            .append(&self.name, sender, message, &|| limits.send(sender))
-            .await
     }
 
     /// Sets the topic as `user`, who must own the room (PERMISSION_DENIED otherwise);

@@ -5,10 +5,12 @@
 //!
 //! **Leader commits.** A message that finds no commit under way comes back to its caller
 //! as a [`Lead`]: the caller commits the queue itself, on its own thread, once it has let
-//! go of its own locks (the engine appends under the room's lock). A message at light
-//! load therefore costs no thread switch. Before, each one woke the writer thread and was
-//! woken back by it; on one core, that hand-off was a fifth of the CPU at a stream's top
-//! send rate (a stream's sends commit one at a time: see BENCHMARKS.md).
+//! go of its own locks (the engine appends under the room's lock) and queued the rest of
+//! its run (a stream's sends already at hand), so that one commit carries the run. A
+//! message at light load therefore costs no thread switch. Before, each one woke the
+//! writer thread and was woken back by it; on one core, that hand-off was a fifth of the
+//! CPU at a stream's top send rate (then a stream's sends committed one at a time: see
+//! BENCHMARKS.md).
 //!
 //! **The writer thread** leads whenever a caller should not:
 //! - when writes queued up while a caller committed: they are handed to the thread, so a

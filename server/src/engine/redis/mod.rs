@@ -287,6 +287,56 @@ impl RedisEngine {
         .await
     }
 
+    /// Appends one message of `sender`'s (see [`Engine::append`]) with the append script.
+    async fn append_one(
+        &self,
+        sender: &str,
+        message: Outgoing,
+        charge: Charge<'_>,
+    ) -> Result<Published, ChatError> {
+        let room = message.room.as_str();
+        // Across nodes a retry cannot be told before the script runs: every send costs
+        // its sender a token on the node it reaches.
+        charge()?;
+        let sent_at = SystemTime::now();
+        let body = wire::encode_body(&ChatMessageRecord {
+            room: room.to_owned(),
+            seq: 0,
+            sender: sender.to_owned(),
+            text: message.text,
+            kind: message.kind as i32,
+            client_msg_id: message.client_msg_id.clone(),
+            sent_at: Some(sent_at.into()),
+        });
+        let record = self
+            .records
+            .get(room)
+            .map(|r| r.clone())
+            .ok_or_else(|| EngineError::Protocol(format!("room {room} is not attached")))?;
+        let mut call = self.scripts.append.key(keys::meta(room));
+        call.key(keys::log(room))
+            .key(keys::sent(room, sender, &message.client_msg_id))
+            .arg(body)
+            .arg(to_micros(sent_at))
+            .arg(u64::try_from(self.dedupe_window.as_millis()).unwrap_or(u64::MAX))
+            .arg(self.retention.max_messages.unwrap_or(0))
+            .arg(keys::channel(room))
+            .arg(new_epoch());
+        for (_, value) in wire::meta_fields(&record) {
+            call.arg(value);
+        }
+        let (seq, duplicate, _epoch): (u64, u8, String) = self.script("append", &call).await?;
+        if duplicate == 0 {
+            self.metrics
+                .committed(sent_at.elapsed().unwrap_or_default());
+            self.metrics.messages_in.inc();
+        }
+        Ok(Published {
+            seq,
+            duplicate: duplicate == 1,
+        })
+    }
+
     /// The room's record, if it exists.
     async fn read_record(&self, room: &str) -> Result<Option<RoomRecord>, EngineError> {
         let mut conn = self.conn.clone();
@@ -439,51 +489,18 @@ impl Engine for RedisEngine {
 
     async fn append(
         &self,
-        room: &str,
         sender: &str,
-        message: Outgoing,
+        run: Vec<Outgoing>,
         charge: Charge<'_>,
-    ) -> Result<Published, ChatError> {
-        // Across nodes a retry cannot be told before the script runs: every send costs
-        // its sender a token on the node it reaches.
-        charge()?;
-        let sent_at = SystemTime::now();
-        let body = wire::encode_body(&ChatMessageRecord {
-            room: room.to_owned(),
-            seq: 0,
-            sender: sender.to_owned(),
-            text: message.text,
-            kind: message.kind as i32,
-            client_msg_id: message.client_msg_id.clone(),
-            sent_at: Some(sent_at.into()),
-        });
-        let record = self
-            .records
-            .get(room)
-            .map(|r| r.clone())
-            .ok_or_else(|| EngineError::Protocol(format!("room {room} is not attached")))?;
-        let mut call = self.scripts.append.key(keys::meta(room));
-        call.key(keys::log(room))
-            .key(keys::sent(room, sender, &message.client_msg_id))
-            .arg(body)
-            .arg(to_micros(sent_at))
-            .arg(u64::try_from(self.dedupe_window.as_millis()).unwrap_or(u64::MAX))
-            .arg(self.retention.max_messages.unwrap_or(0))
-            .arg(keys::channel(room))
-            .arg(new_epoch());
-        for (_, value) in wire::meta_fields(&record) {
-            call.arg(value);
+    ) -> Vec<Result<Published, ChatError>> {
+        // One script at a time, each awaited before the next: scripts in flight together
+        // could run out of order (a script Redis has not cached is loaded and sent again),
+        // and a run's messages must take their seqs in its order.
+        let mut published = Vec::with_capacity(run.len());
+        for message in run {
+            published.push(self.append_one(sender, message, charge).await);
         }
-        let (seq, duplicate, _epoch): (u64, u8, String) = self.script("append", &call).await?;
-        if duplicate == 0 {
-            self.metrics
-                .committed(sent_at.elapsed().unwrap_or_default());
-            self.metrics.messages_in.inc();
-        }
-        Ok(Published {
-            seq,
-            duplicate: duplicate == 1,
-        })
+        published
     }
 
     async fn set_topic(&self, room: &str, by: &str, topic: &str) -> Result<(), EngineError> {
