@@ -234,15 +234,15 @@ impl Hub {
         // Per message, its refusal, if any; the rest go to the engine together.
         let mut refused = Vec::with_capacity(run.len());
         let mut admitted = Vec::with_capacity(run.len());
+        let admit = async |message: Outgoing| {
+            let room = self.room(field, &message.room).await?;
+            may_send(&message.room)?;
+            room.admit(sender)?;
+            Ok::<_, ChatError>(message)
+        };
         for message in run {
-            let admitted_here = async |message: Outgoing| {
-                let room = self.room(field, &message.room).await?;
-                may_send(&message.room)?;
-                room.admit(sender)?;
-                Ok::<_, ChatError>(message)
-            };
             let checked = match message {
-                Ok(message) => admitted_here(message).await,
+                Ok(message) => admit(message).await,
                 Err(error) => Err(error),
             };
             match checked {
