@@ -25,6 +25,7 @@ use confab::{
     pb::{self, LeaveReason, PresenceKind, chat_response::Event},
 };
 use confab_server::Config;
+use futures::StreamExt as _;
 use process::ServerProcess;
 use tokio::task::JoinSet;
 use tonic::Code;
@@ -222,6 +223,82 @@ async fn idempotency_and_nicknames_hold_across_nodes() {
         };
         assert_eq!(status.code(), Code::AlreadyExists, "{name}: {status:?}");
     }
+}
+
+/// A stream's sends that arrive together reach Redis as one pipeline (fewer calls than
+/// messages), and land in the order sent, each once, even when Redis has forgotten the
+/// append script (after a restart or `SCRIPT FLUSH`): a lone send loads it again, and a
+/// pipeline never depends on it.
+#[tokio::test]
+async fn a_run_of_sends_is_one_pipeline_in_order_even_when_redis_forgot_the_script() {
+    let (storage, nodes) = cluster(1).await;
+    let redis = storage.redis().expect("a Redis");
+    let alice = nodes[0].client("alice").await;
+    common::create_room(&alice, "r").await;
+    let send = |id: u64, text: &str| pb::ChatRequest {
+        request_id: id,
+        command: Some(pb::chat_request::Command::Send(pb::OutgoingMessage {
+            room: "r".into(),
+            text: text.into(),
+            client_msg_id: text.into(),
+            kind: 0,
+        })),
+    };
+    let join = pb::ChatRequest {
+        request_id: 1,
+        command: Some(pb::chat_request::Command::Join(pb::JoinRoom {
+            room: "r".into(),
+            ..Default::default()
+        })),
+    };
+    // A lone send with the script forgotten: sent again as EVAL.
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    let mut events = Events::open(&alice).await;
+    events.join("r", None).await;
+    assert_eq!(events.say("r", "lone").await, 1);
+    // Then a run, on a stream of its own, with the script forgotten again: the join
+    // before it ends any run, and everything after it is in the same write, so it is all
+    // here when the session reads the first send.
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    let appends = |page: &str| metric(page, "confab_engine_call_seconds_count{call=\"append\"}");
+    let before = appends(&scrape(nodes[0].metrics_addr).await);
+    let mut frames = vec![join];
+    frames.extend((0..10).map(|n| send(10 + n, &format!("run-{n}"))));
+    let mut chat = alice
+        .rpc()
+        .chat(futures::stream::iter(frames).chain(futures::stream::pending()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acks = Vec::new();
+    while acks.len() < 10 {
+        let event = within("the acks", chat.message()).await.unwrap().unwrap();
+        match event.event {
+            Some(Event::Ack(ack)) => acks.push((event.request_id, ack.seq, ack.duplicate)),
+            Some(Event::Error(error)) => panic!("refused: {error:?}"),
+            _ => {}
+        }
+    }
+    let expected: Vec<_> = (0..10).map(|n| (10 + n, 2 + n, false)).collect();
+    assert_eq!(
+        acks, expected,
+        "acked in the order sent, with seqs in that order"
+    );
+    let calls = appends(&scrape(nodes[0].metrics_addr).await) - before;
+    assert!(
+        calls < 10.0,
+        "ten sends took {calls} append calls: the run was not one pipeline"
+    );
+    let stored = history(&alice, "r").await;
+    let texts: Vec<_> = stored.iter().map(|m| (m.seq, m.text.as_str())).collect();
+    let mut want = vec![(1, "lone".to_owned())];
+    want.extend((0..10).map(|n| (2 + n, format!("run-{n}"))));
+    assert_eq!(
+        texts,
+        want.iter()
+            .map(|(s, t)| (*s, t.as_str()))
+            .collect::<Vec<_>>()
+    );
 }
 
 /// `confab --pipe` (the real binary) on `servers`, in room `r` as `nick`: its stdin to

@@ -4,7 +4,8 @@
 //! the room's head, `XADD` with the seq as the entry's ID, trim, `PUBLISH` on the room's
 //! channel), a pub/sub feed per room with gaps filled from the log (`feed.rs`), an epoch
 //! per room, and node heartbeats for presence (`nodes.rs`). What each key holds is in
-//! `keys.rs`, the encodings in `wire.rs`, the scripts in `lua/`.
+//! `keys.rs`, the encodings in `wire.rs`, the scripts in `lua/`; a sender's run of messages
+//! goes through the append script as in `append.rs` (one round trip per room's part).
 //!
 //! A message is acked once Redis has run its script: what survives a Redis crash is what
 //! its persistence (AOF, `appendfsync`) kept. When Redis cannot be reached, calls fail with
@@ -12,6 +13,7 @@
 //! lands once), open streams stay, and when it returns the feed resubscribes and fills
 //! every gap from the log.
 
+mod append;
 mod conn;
 mod feed;
 mod keys;
@@ -25,7 +27,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use confab::{ChatMessage, ChatMessageRecord};
+use confab::ChatMessage;
 use dashmap::DashMap;
 use rand::Rng as _;
 use redis::{
@@ -36,7 +38,6 @@ use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
     Applied, Attached, Charge, Engine, EngineError, Feed, FeedEvent, PresenceChange, Published,
-    new_epoch,
 };
 use crate::{
     error::ChatError,
@@ -99,7 +100,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
-            append: Script::new(include_str!("lua/append.lua")),
+            append: Script::new(append::APPEND_LUA),
             create_room: Script::new(include_str!("lua/create_room.lua")),
             set_topic: Script::new(include_str!("lua/set_topic.lua")),
             set_access: Script::new(include_str!("lua/set_access.lua")),
@@ -287,56 +288,6 @@ impl RedisEngine {
         .await
     }
 
-    /// Appends one message of `sender`'s (see [`Engine::append`]) with the append script.
-    async fn append_one(
-        &self,
-        sender: &str,
-        message: Outgoing,
-        charge: Charge<'_>,
-    ) -> Result<Published, ChatError> {
-        let room = message.room.as_str();
-        // Across nodes a retry cannot be told before the script runs: every send costs
-        // its sender a token on the node it reaches.
-        charge()?;
-        let sent_at = SystemTime::now();
-        let body = wire::encode_body(&ChatMessageRecord {
-            room: room.to_owned(),
-            seq: 0,
-            sender: sender.to_owned(),
-            text: message.text,
-            kind: message.kind as i32,
-            client_msg_id: message.client_msg_id.clone(),
-            sent_at: Some(sent_at.into()),
-        });
-        let record = self
-            .records
-            .get(room)
-            .map(|r| r.clone())
-            .ok_or_else(|| EngineError::Protocol(format!("room {room} is not attached")))?;
-        let mut call = self.scripts.append.key(keys::meta(room));
-        call.key(keys::log(room))
-            .key(keys::sent(room, sender, &message.client_msg_id))
-            .arg(body)
-            .arg(to_micros(sent_at))
-            .arg(u64::try_from(self.dedupe_window.as_millis()).unwrap_or(u64::MAX))
-            .arg(self.retention.max_messages.unwrap_or(0))
-            .arg(keys::channel(room))
-            .arg(new_epoch());
-        for (_, value) in wire::meta_fields(&record) {
-            call.arg(value);
-        }
-        let (seq, duplicate, _epoch): (u64, u8, String) = self.script("append", &call).await?;
-        if duplicate == 0 {
-            self.metrics
-                .committed(sent_at.elapsed().unwrap_or_default());
-            self.metrics.messages_in.inc();
-        }
-        Ok(Published {
-            seq,
-            duplicate: duplicate == 1,
-        })
-    }
-
     /// The room's record, if it exists.
     async fn read_record(&self, room: &str) -> Result<Option<RoomRecord>, EngineError> {
         let mut conn = self.conn.clone();
@@ -493,14 +444,7 @@ impl Engine for RedisEngine {
         run: Vec<Outgoing>,
         charge: Charge<'_>,
     ) -> Vec<Result<Published, ChatError>> {
-        // One script at a time, each awaited before the next: scripts in flight together
-        // could run out of order (a script Redis has not cached is loaded and sent again),
-        // and a run's messages must take their seqs in its order.
-        let mut published = Vec::with_capacity(run.len());
-        for message in run {
-            published.push(self.append_one(sender, message, charge).await);
-        }
-        published
+        self.append_run(sender, run, charge).await
     }
 
     async fn set_topic(&self, room: &str, by: &str, topic: &str) -> Result<(), EngineError> {

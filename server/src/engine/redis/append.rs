@@ -1,0 +1,198 @@
+//! A sender's run of messages through the append script (`lua/append.lua`).
+//!
+//! A run is cut into segments: consecutive messages of one room. A segment of one is one
+//! `EVALSHA` (sent again as `EVAL` when Redis has not cached the script). A longer segment
+//! goes as one pipeline of `EVAL`s: one round trip for the segment, which Redis runs in
+//! order on one connection (in a Redis Cluster every key of a room is in one slot, so on
+//! the one node that holds it). Not `EVALSHA` there: if another node loaded the script
+//! while the pipeline ran, an early message could fail as an unknown script after a later
+//! one had run, and the room's seqs would no longer follow the run's order. `EVAL` costs
+//! Redis a hash of the script (1.6 KB) per message, where a round trip per message cost
+//! the sender far more.
+
+use std::time::SystemTime;
+
+use confab::ChatMessageRecord;
+use redis::{Cmd, ErrorKind, RedisWrite as _, ServerErrorKind, ToRedisArgs as _};
+
+use super::{RedisEngine, keys, unavailable, wire};
+use crate::{
+    engine::{Charge, EngineError, Published, new_epoch},
+    error::ChatError,
+    store::{RoomRecord, to_micros},
+    validate::Outgoing,
+};
+
+/// The append script's source.
+pub(super) const APPEND_LUA: &str = include_str!("lua/append.lua");
+
+/// What the script answers: the seq, 1 for a retry, the room's epoch.
+type Answer = (u64, u8, String);
+
+/// One message's call of the append script: its keys and arguments.
+struct AppendCall {
+    keys: [String; 3],
+    args: Vec<Vec<u8>>,
+    sent_at: SystemTime,
+}
+
+impl AppendCall {
+    fn new(engine: &RedisEngine, sender: &str, message: Outgoing, record: &RoomRecord) -> Self {
+        let room = record.name.as_str();
+        let sent_at = SystemTime::now();
+        let keys = [
+            keys::meta(room),
+            keys::log(room),
+            keys::sent(room, sender, &message.client_msg_id),
+        ];
+        let body = wire::encode_body(&ChatMessageRecord {
+            room: room.to_owned(),
+            seq: 0,
+            sender: sender.to_owned(),
+            text: message.text,
+            kind: message.kind as i32,
+            client_msg_id: message.client_msg_id,
+            sent_at: Some(sent_at.into()),
+        });
+        let mut args: Vec<Vec<u8>> = Vec::new();
+        args.write_arg(&body);
+        to_micros(sent_at).write_redis_args(&mut args);
+        u64::try_from(engine.dedupe_window.as_millis())
+            .unwrap_or(u64::MAX)
+            .write_redis_args(&mut args);
+        engine
+            .retention
+            .max_messages
+            .unwrap_or(0)
+            .write_redis_args(&mut args);
+        keys::channel(room).write_redis_args(&mut args);
+        new_epoch().write_redis_args(&mut args);
+        for (_, value) in wire::meta_fields(record) {
+            value.write_redis_args(&mut args);
+        }
+        Self {
+            keys,
+            args,
+            sent_at,
+        }
+    }
+
+    /// The call as `command` (`EVALSHA` or `EVAL`) of `script` (its hash or its source).
+    fn cmd(&self, command: &str, script: &str) -> Cmd {
+        let mut cmd = redis::cmd(command);
+        cmd.arg(script)
+            .arg(self.keys.len())
+            .arg(&self.keys[..])
+            .arg(&self.args[..]);
+        cmd
+    }
+}
+
+impl RedisEngine {
+    /// Appends `sender`'s run, segment by segment (see the module doc).
+    pub(super) async fn append_run(
+        &self,
+        sender: &str,
+        run: Vec<Outgoing>,
+        charge: Charge<'_>,
+    ) -> Vec<Result<Published, ChatError>> {
+        let mut published = Vec::with_capacity(run.len());
+        let mut run = run.into_iter().peekable();
+        while let Some(first) = run.next() {
+            let mut segment = vec![first];
+            while let Some(next) = run.next_if(|m| m.room == segment[0].room) {
+                segment.push(next);
+            }
+            published.extend(self.append_segment(sender, segment, charge).await);
+        }
+        published
+    }
+
+    /// Appends consecutive messages of one room, in one round trip.
+    async fn append_segment(
+        &self,
+        sender: &str,
+        segment: Vec<Outgoing>,
+        charge: Charge<'_>,
+    ) -> Vec<Result<Published, ChatError>> {
+        let room = segment[0].room.clone();
+        let Some(record) = self.records.get(&room).map(|r| r.clone()) else {
+            let error = EngineError::Protocol(format!("room {room} is not attached"));
+            return segment.iter().map(|_| Err(error.clone().into())).collect();
+        };
+        // Per message, its refusal, if any. Across nodes a retry cannot be told before the
+        // script runs: every send costs its sender a token on the node it reaches.
+        let mut refused = Vec::with_capacity(segment.len());
+        let mut calls = Vec::with_capacity(segment.len());
+        for message in segment {
+            match charge() {
+                Ok(()) => {
+                    refused.push(None);
+                    calls.push(AppendCall::new(self, sender, message, &record));
+                }
+                Err(error) => refused.push(Some(error)),
+            }
+        }
+        let answers = match calls.as_slice() {
+            [] => Ok(Vec::new()),
+            [call] => self.eval_one(call).await.map(|answer| vec![answer]),
+            calls => self.eval_pipelined(calls).await,
+        };
+        let answers: Vec<Result<Answer, EngineError>> = match answers {
+            Ok(answers) => answers.into_iter().map(Ok).collect(),
+            Err(error) => vec![Err(error); calls.len()],
+        };
+        let mut answered = calls.iter().zip(answers);
+        refused
+            .into_iter()
+            .map(|refused| {
+                if let Some(error) = refused {
+                    return Err(error);
+                }
+                let Some((call, answer)) = answered.next() else {
+                    let error = "the append pipeline answered too few calls";
+                    return Err(EngineError::Protocol(error.into()).into());
+                };
+                let (seq, duplicate, _epoch) = answer?;
+                if duplicate == 0 {
+                    self.metrics
+                        .committed(call.sent_at.elapsed().unwrap_or_default());
+                    self.metrics.messages_in.inc();
+                }
+                Ok(Published {
+                    seq,
+                    duplicate: duplicate == 1,
+                })
+            })
+            .collect()
+    }
+
+    /// One call: `EVALSHA`, and `EVAL` if Redis has not cached the script.
+    async fn eval_one(&self, call: &AppendCall) -> Result<Answer, EngineError> {
+        self.timed("append", async {
+            let mut conn = self.conn.clone();
+            let hash = self.scripts.append.get_hash();
+            match call.cmd("EVALSHA", hash).query_async(&mut conn).await {
+                Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    call.cmd("EVAL", APPEND_LUA).query_async(&mut conn).await
+                }
+                answer => answer,
+            }
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    /// Several calls of one room as one pipeline of `EVAL`s, run in order.
+    async fn eval_pipelined(&self, calls: &[AppendCall]) -> Result<Vec<Answer>, EngineError> {
+        let mut pipe = redis::pipe();
+        for call in calls {
+            pipe.add_command(call.cmd("EVAL", APPEND_LUA));
+        }
+        self.timed("append", async {
+            let mut conn = self.conn.clone();
+            pipe.query_async(&mut conn).await.map_err(unavailable)
+        })
+        .await
+    }
+}
