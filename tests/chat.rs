@@ -286,15 +286,7 @@ async fn bad_commands_get_errors_and_the_stream_goes_on(engine: Engine) {
     let mut events = Events::open(&alice).await;
     events.join("here", None).await;
     // A room that exists but is not joined on this stream.
-    alice
-        .rpc()
-        .create_room(confab::pb::CreateRoomRequest {
-            room: "elsewhere".into(),
-            topic: String::new(),
-            private: false,
-        })
-        .await
-        .unwrap();
+    common::create_room(&alice, "elsewhere").await;
     let sender = events.chat.sender().clone();
 
     let id = sender.say("nowhere", "hi").await.unwrap().0;
@@ -406,15 +398,7 @@ async fn a_burst_of_frames_is_answered_in_the_order_sent(engine: Engine) {
     let mut events = Events::open(&client).await;
     events.join("burst", None).await;
     // A room that exists but is not joined on this stream.
-    client
-        .rpc()
-        .create_room(confab::pb::CreateRoomRequest {
-            room: "elsewhere".into(),
-            topic: String::new(),
-            private: false,
-        })
-        .await
-        .unwrap();
+    common::create_room(&client, "elsewhere").await;
     let sender = events.chat.sender();
     let say = |id: &str| {
         Some(Command::Send(OutgoingMessage {
