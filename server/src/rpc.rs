@@ -393,11 +393,15 @@ impl ChatService for ChatServer {
                 item = inbound.message() => item?,
             };
             let Some(item) = item else { break };
-            // The items already here go as one run, committed together.
+            // The items already here go as one run, committed together. A failure of the
+            // stream behind them ends the call once they are published, as it would have
+            // one item at a time.
             let mut items = vec![item];
-            while !ended && items.len() < MAX_RUN {
+            let mut failed = None;
+            while !ended && failed.is_none() && items.len() < MAX_RUN {
                 match inbound.next().now_or_never() {
-                    Some(Some(item)) => items.push(item?),
+                    Some(Some(Ok(item))) => items.push(item),
+                    Some(Some(Err(status))) => failed = Some(status),
                     Some(None) => ended = true,
                     None => break,
                 }
@@ -439,6 +443,9 @@ impl ChatService for ChatServer {
                     }),
                 }
                 index = index.saturating_add(1);
+            }
+            if let Some(status) = failed {
+                return Err(status);
             }
         }
         summary.seq_ranges = ranges
