@@ -168,6 +168,24 @@ pub(crate) fn new_epoch() -> String {
 /// caller-led commit takes at once.
 pub const MAX_RUN: usize = 64;
 
+/// A run's results in the run's order: `refused` holds, per message, its refusal before it
+/// got this far (`None` for the others), whose results `rest` gives, in order.
+pub(crate) fn in_place<T>(
+    refused: Vec<Option<ChatError>>,
+    rest: impl IntoIterator<Item = Result<T, ChatError>>,
+) -> Vec<Result<T, ChatError>> {
+    let mut rest = rest.into_iter();
+    refused
+        .into_iter()
+        .map(|refused| match refused {
+            Some(error) => Err(error),
+            None => rest.next().unwrap_or_else(|| {
+                Err(EngineError::Protocol("a message of the run went unanswered".into()).into())
+            }),
+        })
+        .collect()
+}
+
 /// Decides whether a new message may be sent (the sender's rate); called only for a send
 /// that is not a retry of one already stored, where the engine can tell.
 pub type Charge<'a> = &'a (dyn Fn() -> Result<(), ChatError> + Send + Sync);

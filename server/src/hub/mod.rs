@@ -28,7 +28,7 @@ pub use presence::Presence;
 pub use room::{Room, RoomEvent};
 
 use crate::{
-    engine::{Engine, EngineError, Feed, Published},
+    engine::{Engine, Feed, Published, in_place},
     error::ChatError,
     limits::Limits,
     metrics::Metrics,
@@ -254,20 +254,11 @@ impl Hub {
             }
         }
         let limits = &self.limits;
-        let mut appended = self
+        let appended = self
             .engine
             .append(sender, admitted, &|| limits.send(sender))
-            .await
-            .into_iter();
-        refused
-            .into_iter()
-            .map(|refused| match refused {
-                Some(error) => Err(error),
-                None => appended.next().unwrap_or_else(|| {
-                    Err(EngineError::Protocol("the engine lost a message of a run".into()).into())
-                }),
-            })
-            .collect()
+            .await;
+        in_place(refused, appended)
     }
 }
 

@@ -17,7 +17,7 @@ use redis::{Cmd, ErrorKind, RedisWrite as _, ServerErrorKind, ToRedisArgs as _};
 
 use super::{RedisEngine, keys, unavailable, wire};
 use crate::{
-    engine::{Charge, EngineError, Published, new_epoch},
+    engine::{Charge, EngineError, Published, in_place, new_epoch},
     error::ChatError,
     store::{RoomRecord, to_micros},
     validate::Outgoing,
@@ -142,29 +142,19 @@ impl RedisEngine {
             Ok(answers) => answers.into_iter().map(Ok).collect(),
             Err(error) => vec![Err(error); calls.len()],
         };
-        let mut answered = calls.iter().zip(answers);
-        refused
-            .into_iter()
-            .map(|refused| {
-                if let Some(error) = refused {
-                    return Err(error);
-                }
-                let Some((call, answer)) = answered.next() else {
-                    let error = "the append pipeline answered too few calls";
-                    return Err(EngineError::Protocol(error.into()).into());
-                };
-                let (seq, duplicate, _epoch) = answer?;
-                if duplicate == 0 {
-                    self.metrics
-                        .committed(call.sent_at.elapsed().unwrap_or_default());
-                    self.metrics.messages_in.inc();
-                }
-                Ok(Published {
-                    seq,
-                    duplicate: duplicate == 1,
-                })
+        let published = calls.iter().zip(answers).map(|(call, answer)| {
+            let (seq, duplicate, _epoch) = answer?;
+            if duplicate == 0 {
+                self.metrics
+                    .committed(call.sent_at.elapsed().unwrap_or_default());
+                self.metrics.messages_in.inc();
+            }
+            Ok(Published {
+                seq,
+                duplicate: duplicate == 1,
             })
-            .collect()
+        });
+        in_place(refused, published)
     }
 
     /// One call: `EVALSHA`, and `EVAL` if Redis has not cached the script.
