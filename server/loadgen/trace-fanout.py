@@ -3,8 +3,9 @@
 A message is found by the server's first read after 20 ms without a read or write (at
 light load the core is idle between messages). Every write after it to another socket
 is a delivery (eight-byte writes, a runtime waking its own thread through an eventfd,
-are left out); the generator's reads after it are the subscribers'. Times are medians
-over the messages, in µs from the server's read of the publisher's frame.
+are left out); the generator's reads after it are the subscribers' (and the publisher's
+reply, one among a hundred). Times are medians over the messages, in µs from the server's
+read of the publisher's frame.
 """
 
 import re
@@ -37,34 +38,51 @@ def messages(server, bench):
     quiet_since, starts = -1.0, []
     for i, (t, event, fd) in enumerate(server):
         if event in READS + WRITES:
-            if event in READS and t - quiet_since > 0.02 and (not starts or t - starts[-1][0] > 0.02):
+            quiet = t - quiet_since > 0.02 and (not starts or t - starts[-1][0] > 0.02)
+            if event in READS and quiet:
                 starts.append((t, fd, i))
             quiet_since = t
     rows = []
     for t0, publisher, i in starts:
-        writes = [t for t, e, fd in server[i : i + 5000] if e in WRITES and fd != publisher and t - t0 < 0.05]
+        writes = [
+            t for t, e, fd in server[i : i + 5000] if e in WRITES and fd != publisher and t - t0 < 0.05
+        ]
         reads = [t for t, e, _ in bench if t0 < t < t0 + 0.05 and e in READS]
         sent = [t for t, e, _ in bench if t0 - 0.005 < t <= t0 and e in WRITES]
         if len(writes) < 2 or len(reads) < len(writes) or not sent:
             continue
         mid, last = len(writes) // 2 - 1, len(writes) - 1
-        us = lambda t: (t - t0) * 1e6
         rows.append(
-            ((t0 - sent[-1]) * 1e6, us(writes[0]), us(writes[mid]), us(writes[last]),
-             us(reads[0]), us(reads[mid]), us(reads[last]))
+            [(t0 - sent[-1]) * 1e6]
+            + [(t - t0) * 1e6 for t in (writes[0], writes[mid], writes[last])]
+            + [(t - t0) * 1e6 for t in (reads[0], reads[mid], reads[last])]
         )
     return rows
 
 
+COLUMNS = (
+    ("publish→read", 12),
+    ("write 1st", 10),
+    ("mid", 6),
+    ("last", 6),
+    ("gen read 1st", 13),
+    ("mid", 6),
+    ("last", 6),
+)
+
+
 def main():
-    print(f"{'':14s} {'publish→read':>12s} {'write 1st':>10s} {'mid':>6s} {'last':>6s} {'gen read 1st':>13s} {'mid':>6s} {'last':>6s}  messages")
+    print(" " * 14, " ".join(f"{name:>{width}s}" for name, width in COLUMNS), " messages")
     for base in sys.argv[1:]:
+        name = base.rsplit("/", 1)[-1]
         rows = messages(*load(base))
         if not rows:
-            print(f"{base.rsplit('/', 1)[-1]:14s} no message found")
+            print(f"{name:14s} no message found")
             continue
         medians = [round(statistics.median(column)) for column in zip(*rows)]
-        print(f"{base.rsplit('/', 1)[-1]:14s} " + " ".join(f"{m:>{w}d}" for m, w in zip(medians, (12, 10, 6, 6, 13, 6, 6))) + f"  {len(rows)}")
+        cells = " ".join(f"{m:>{width}d}" for m, (_, width) in zip(medians, COLUMNS))
+        print(f"{name:14s} {cells}  {len(rows)}")
 
 
-main()
+if __name__ == "__main__":
+    main()
