@@ -301,6 +301,98 @@ async fn a_run_of_sends_is_one_pipeline_in_order_even_when_redis_forgot_the_scri
     );
 }
 
+/// A run that alternates two rooms: on one Redis it goes in fewer round trips than it
+/// has rooms' segments (one, when it all arrives together), on a Redis Cluster in one per
+/// segment (a pipeline may not cross slots); on both, each room's messages land in the
+/// order sent and the acks come back in frame order.
+async fn a_run_across_rooms_lands_in_order(engine: Engine) {
+    let (_storage, nodes) = cluster_on(engine, 1).await;
+    let alice = nodes[0].client("alice").await;
+    let rooms = ["r", "s"];
+    let mut frames = Vec::new();
+    for (n, room) in rooms.iter().enumerate() {
+        common::create_room(&alice, room).await;
+        frames.push(pb::ChatRequest {
+            request_id: n as u64 + 1,
+            command: Some(pb::chat_request::Command::Join(pb::JoinRoom {
+                room: (*room).into(),
+                ..Default::default()
+            })),
+        });
+    }
+    // Ten sends, r and s in turn: ten segments of one message each.
+    frames.extend((0..10u64).map(|n| pb::ChatRequest {
+        request_id: 10 + n,
+        command: Some(pb::chat_request::Command::Send(pb::OutgoingMessage {
+            room: rooms[n as usize % 2].into(),
+            text: format!("run-{n}"),
+            client_msg_id: format!("run-{n}"),
+            kind: 0,
+        })),
+    }));
+    // No append has been made yet, so the counter has no sample until the run's.
+    let appends = |page: &str| {
+        let name = "confab_engine_call_seconds_count{call=\"append\"}";
+        if page.contains(name) {
+            metric(page, name)
+        } else {
+            0.0
+        }
+    };
+    let before = appends(&scrape(nodes[0].metrics_addr).await);
+    let mut chat = alice
+        .rpc()
+        .chat(futures::stream::iter(frames).chain(futures::stream::pending()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acks = Vec::new();
+    while acks.len() < 10 {
+        let event = within("the acks", chat.message()).await.unwrap().unwrap();
+        match event.event {
+            Some(Event::Ack(ack)) => acks.push((event.request_id, ack.room, ack.seq)),
+            Some(Event::Error(error)) => panic!("refused: {error:?}"),
+            _ => {}
+        }
+    }
+    let expected: Vec<_> = (0..10u64)
+        .map(|n| (10 + n, rooms[n as usize % 2].to_owned(), n / 2 + 1))
+        .collect();
+    assert_eq!(
+        acks, expected,
+        "acked in frame order, each room's seqs in send order"
+    );
+    let calls = appends(&scrape(nodes[0].metrics_addr).await) - before;
+    match engine {
+        Engine::Redis => assert!(
+            calls < 10.0,
+            "ten sends in two rooms took {calls} append calls: the run was cut per room"
+        ),
+        _ => assert!(calls <= 10.0, "ten sends took {calls} append calls"),
+    }
+    for (k, room) in rooms.iter().enumerate() {
+        let stored: Vec<_> = history(&alice, room)
+            .await
+            .iter()
+            .map(|m| (m.seq, m.text.clone()))
+            .collect();
+        let want: Vec<_> = (0..5u64)
+            .map(|i| (i + 1, format!("run-{}", 2 * i + k as u64)))
+            .collect();
+        assert_eq!(stored, want, "room {room}");
+    }
+}
+
+#[tokio::test]
+async fn a_run_across_rooms_is_one_round_trip_on_one_redis() {
+    a_run_across_rooms_lands_in_order(Engine::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_across_rooms_is_a_round_trip_per_room_on_a_redis_cluster() {
+    a_run_across_rooms_lands_in_order(Engine::RedisCluster).await;
+}
+
 /// `confab --pipe` (the real binary) on `servers`, in room `r` as `nick`: its stdin to
 /// write lines to, and every JSON line it prints, as they come.
 fn pipe_client(

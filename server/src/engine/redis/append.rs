@@ -1,14 +1,15 @@
 //! A sender's run of messages through the append script (`lua/append.lua`).
 //!
-//! A run is cut into segments: consecutive messages of one room. A segment of one is one
-//! `EVALSHA` (sent again as `EVAL` when Redis has not cached the script). A longer segment
-//! goes as one pipeline of `EVAL`s: one round trip for the segment, which Redis runs in
-//! order on one connection (in a Redis Cluster every key of a room is in one slot, so on
-//! the one node that holds it). Not `EVALSHA` there: if another node loaded the script
-//! while the pipeline ran, an early message could fail as an unknown script after a later
-//! one had run, and the room's seqs would no longer follow the run's order. `EVAL` costs
-//! Redis a hash of the script (1.6 KB) per message, where a round trip per message cost
-//! the sender far more.
+//! A run is cut into segments: consecutive messages of one room. On one Redis the whole
+//! run goes in one round trip; on a Redis Cluster each segment does, since a pipeline
+//! may not cross slots and each room's keys have a slot of their own (so a segment goes
+//! to the one node that holds its room). A round trip of one call is one `EVALSHA`
+//! (sent again as `EVAL` when Redis has not cached the script); of several, one
+//! pipeline of `EVAL`s, which Redis runs in order on one connection. Not `EVALSHA`
+//! there: if another node loaded the script while the pipeline ran, an early message
+//! could fail as an unknown script after a later one had run, and the room's seqs would
+//! no longer follow the run's order. `EVAL` costs Redis a hash of the script (1.6 KB)
+//! per message, where a round trip per message cost the sender far more.
 
 use std::time::SystemTime;
 
@@ -88,37 +89,70 @@ impl AppendCall {
     }
 }
 
+/// A segment of a run made ready to send: each message's refusal, if any, and the calls
+/// of the others, in order.
+struct Segment {
+    refused: Vec<Option<ChatError>>,
+    calls: Vec<AppendCall>,
+}
+
 impl RedisEngine {
-    /// Appends `sender`'s run, segment by segment (see the module doc).
+    /// Appends `sender`'s run (see the module doc): on one Redis in one round trip, on a
+    /// Redis Cluster one round trip per segment.
     pub(super) async fn append_run(
         &self,
         sender: &str,
         run: Vec<Outgoing>,
         charge: Charge<'_>,
     ) -> Vec<Result<Published, ChatError>> {
-        let mut published = Vec::with_capacity(run.len());
+        let mut segments = Vec::new();
         let mut run = run.into_iter().peekable();
         while let Some(first) = run.next() {
             let mut segment = vec![first];
             while let Some(next) = run.next_if(|m| m.room == segment[0].room) {
                 segment.push(next);
             }
-            published.extend(self.append_segment(sender, segment, charge).await);
+            segments.push(self.segment(sender, segment, charge));
+        }
+        let answers = if self.conn.pipelines_across_rooms() {
+            let calls: Vec<&AppendCall> = segments.iter().flat_map(|s| &s.calls).collect();
+            self.eval(&calls).await
+        } else {
+            let mut answers = Vec::new();
+            for segment in &segments {
+                answers.extend(self.eval(&segment.calls.iter().collect::<Vec<_>>()).await);
+            }
+            answers
+        };
+        let mut answers = answers.into_iter();
+        let mut published = Vec::new();
+        for Segment { refused, calls } in segments {
+            let answered = calls.iter().zip(answers.by_ref()).map(|(call, answer)| {
+                let (seq, duplicate, _epoch) = answer?;
+                if duplicate == 0 {
+                    self.metrics
+                        .committed(call.sent_at.elapsed().unwrap_or_default());
+                    self.metrics.messages_in.inc();
+                }
+                Ok(Published {
+                    seq,
+                    duplicate: duplicate == 1,
+                })
+            });
+            published.extend(in_place(refused, answered));
         }
         published
     }
 
-    /// Appends consecutive messages of one room, in one round trip.
-    async fn append_segment(
-        &self,
-        sender: &str,
-        segment: Vec<Outgoing>,
-        charge: Charge<'_>,
-    ) -> Vec<Result<Published, ChatError>> {
-        let room = segment[0].room.clone();
-        let Some(record) = self.records.get(&room).map(|r| r.clone()) else {
+    /// Consecutive messages of one room, charged and made into calls.
+    fn segment(&self, sender: &str, segment: Vec<Outgoing>, charge: Charge<'_>) -> Segment {
+        let room = &segment[0].room;
+        let Some(record) = self.records.get(room).map(|r| r.clone()) else {
             let error = EngineError::Protocol(format!("room {room} is not attached"));
-            return segment.iter().map(|_| Err(error.clone().into())).collect();
+            return Segment {
+                refused: segment.iter().map(|_| Some(error.clone().into())).collect(),
+                calls: Vec::new(),
+            };
         };
         // Per message, its refusal, if any. Across nodes a retry cannot be told before the
         // script runs: every send costs its sender a token on the node it reaches.
@@ -133,28 +167,20 @@ impl RedisEngine {
                 Err(error) => refused.push(Some(error)),
             }
         }
-        let answers = match calls.as_slice() {
+        Segment { refused, calls }
+    }
+
+    /// Calls in one round trip, answered in order; a failed round trip fails every call.
+    async fn eval(&self, calls: &[&AppendCall]) -> Vec<Result<Answer, EngineError>> {
+        let answers = match calls {
             [] => Ok(Vec::new()),
             [call] => self.eval_one(call).await.map(|answer| vec![answer]),
             calls => self.eval_pipelined(calls).await,
         };
-        let answers: Vec<Result<Answer, EngineError>> = match answers {
+        match answers {
             Ok(answers) => answers.into_iter().map(Ok).collect(),
             Err(error) => vec![Err(error); calls.len()],
-        };
-        let published = calls.iter().zip(answers).map(|(call, answer)| {
-            let (seq, duplicate, _epoch) = answer?;
-            if duplicate == 0 {
-                self.metrics
-                    .committed(call.sent_at.elapsed().unwrap_or_default());
-                self.metrics.messages_in.inc();
-            }
-            Ok(Published {
-                seq,
-                duplicate: duplicate == 1,
-            })
-        });
-        in_place(refused, published)
+        }
     }
 
     /// One call: `EVALSHA`, and `EVAL` if Redis has not cached the script.
@@ -173,8 +199,8 @@ impl RedisEngine {
         .await
     }
 
-    /// Several calls of one room as one pipeline of `EVAL`s, run in order.
-    async fn eval_pipelined(&self, calls: &[AppendCall]) -> Result<Vec<Answer>, EngineError> {
+    /// Several calls as one pipeline of `EVAL`s, run in order.
+    async fn eval_pipelined(&self, calls: &[&AppendCall]) -> Result<Vec<Answer>, EngineError> {
         let mut pipe = redis::pipe();
         for call in calls {
             pipe.add_command(call.cmd("EVAL", APPEND_LUA));

@@ -44,3 +44,12 @@ impl ConnectionLike for Conn {
         }
     }
 }
+
+impl Conn {
+    /// Whether one pipeline may carry the keys of several rooms. One Redis runs any
+    /// pipeline in order; a Redis Cluster refuses one whose keys are in different slots,
+    /// and every room's keys have a slot of their own (their `{room}` tag).
+    pub(crate) fn pipelines_across_rooms(&self) -> bool {
+        matches!(self, Conn::Single(_))
+    }
+}
