@@ -225,6 +225,42 @@ async fn idempotency_and_nicknames_hold_across_nodes() {
     }
 }
 
+/// The node's append calls so far, from its metrics page (none before the first).
+fn append_calls(page: &str) -> f64 {
+    let name = "confab_engine_call_seconds_count{call=\"append\"}";
+    if page.contains(name) {
+        metric(page, name)
+    } else {
+        0.0
+    }
+}
+
+/// Opens `client`'s `Chat` stream with `frames` written at once (so a run of sends among
+/// them is all there when the session reads its first) and returns the first `n` acks
+/// with their frames' request ids; any command error fails the test.
+async fn acks_of_one_write(
+    client: &Client,
+    frames: Vec<pb::ChatRequest>,
+    n: usize,
+) -> Vec<(u64, pb::Ack)> {
+    let mut chat = client
+        .rpc()
+        .chat(futures::stream::iter(frames).chain(futures::stream::pending()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acks = Vec::new();
+    while acks.len() < n {
+        let event = within("the acks", chat.message()).await.unwrap().unwrap();
+        match event.event {
+            Some(Event::Ack(ack)) => acks.push((event.request_id, ack)),
+            Some(Event::Error(error)) => panic!("refused: {error:?}"),
+            _ => {}
+        }
+    }
+    acks
+}
+
 /// A stream's sends that arrive together reach Redis as one pipeline (fewer calls than
 /// messages), and land in the order sent, each once, even when Redis has forgotten the
 /// append script (after a restart or `SCRIPT FLUSH`): a lone send loads it again, and a
@@ -260,31 +296,20 @@ async fn a_run_of_sends_is_one_pipeline_in_order_even_when_redis_forgot_the_scri
     // before it ends any run, and everything after it is in the same write, so it is all
     // here when the session reads the first send.
     assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
-    let appends = |page: &str| metric(page, "confab_engine_call_seconds_count{call=\"append\"}");
-    let before = appends(&scrape(nodes[0].metrics_addr).await);
+    let before = append_calls(&scrape(nodes[0].metrics_addr).await);
     let mut frames = vec![join];
     frames.extend((0..10).map(|n| send(10 + n, &format!("run-{n}"))));
-    let mut chat = alice
-        .rpc()
-        .chat(futures::stream::iter(frames).chain(futures::stream::pending()))
+    let acks: Vec<_> = acks_of_one_write(&alice, frames, 10)
         .await
-        .unwrap()
-        .into_inner();
-    let mut acks = Vec::new();
-    while acks.len() < 10 {
-        let event = within("the acks", chat.message()).await.unwrap().unwrap();
-        match event.event {
-            Some(Event::Ack(ack)) => acks.push((event.request_id, ack.seq, ack.duplicate)),
-            Some(Event::Error(error)) => panic!("refused: {error:?}"),
-            _ => {}
-        }
-    }
+        .into_iter()
+        .map(|(request_id, ack)| (request_id, ack.seq, ack.duplicate))
+        .collect();
     let expected: Vec<_> = (0..10).map(|n| (10 + n, 2 + n, false)).collect();
     assert_eq!(
         acks, expected,
         "acked in the order sent, with seqs in that order"
     );
-    let calls = appends(&scrape(nodes[0].metrics_addr).await) - before;
+    let calls = append_calls(&scrape(nodes[0].metrics_addr).await) - before;
     assert!(
         calls < 10.0,
         "ten sends took {calls} append calls: the run was not one pipeline"
@@ -330,31 +355,12 @@ async fn a_run_across_rooms_lands_in_order(engine: Engine) {
             kind: 0,
         })),
     }));
-    // No append has been made yet, so the counter has no sample until the run's.
-    let appends = |page: &str| {
-        let name = "confab_engine_call_seconds_count{call=\"append\"}";
-        if page.contains(name) {
-            metric(page, name)
-        } else {
-            0.0
-        }
-    };
-    let before = appends(&scrape(nodes[0].metrics_addr).await);
-    let mut chat = alice
-        .rpc()
-        .chat(futures::stream::iter(frames).chain(futures::stream::pending()))
+    let before = append_calls(&scrape(nodes[0].metrics_addr).await);
+    let acks: Vec<_> = acks_of_one_write(&alice, frames, 10)
         .await
-        .unwrap()
-        .into_inner();
-    let mut acks = Vec::new();
-    while acks.len() < 10 {
-        let event = within("the acks", chat.message()).await.unwrap().unwrap();
-        match event.event {
-            Some(Event::Ack(ack)) => acks.push((event.request_id, ack.room, ack.seq)),
-            Some(Event::Error(error)) => panic!("refused: {error:?}"),
-            _ => {}
-        }
-    }
+        .into_iter()
+        .map(|(request_id, ack)| (request_id, ack.room, ack.seq))
+        .collect();
     let expected: Vec<_> = (0..10u64)
         .map(|n| (10 + n, rooms[n as usize % 2].to_owned(), n / 2 + 1))
         .collect();
@@ -362,7 +368,7 @@ async fn a_run_across_rooms_lands_in_order(engine: Engine) {
         acks, expected,
         "acked in frame order, each room's seqs in send order"
     );
-    let calls = appends(&scrape(nodes[0].metrics_addr).await) - before;
+    let calls = append_calls(&scrape(nodes[0].metrics_addr).await) - before;
     match engine {
         Engine::Redis => assert!(
             calls < 10.0,
