@@ -66,7 +66,7 @@ run "fanout 1000 x 200/s, one node" fanout --subscribers 1000 --rate 200 "${a[@]
 run "fanout 1000 x 200/s, subscribers on the other node" fanout --subscribers 1000 --rate 200 "${only_b[@]}"
 run "fanout 1000 x 200/s, subscribers on both nodes" fanout --subscribers 1000 --rate 200 "${both[@]}"
 # Append rate: 100 rooms, one subscriber each, 10 publishers, through one node and two.
-for rate in 50 100 200; do
+for rate in 50 100 200 400; do
   run "append $((rate * 100))/s through one node" rooms --rooms 100 --per-room 1 --rate "$rate" --connections 10 "${a[@]}"
   run "append $((rate * 100))/s through two nodes" rooms --rooms 100 --per-room 1 --rate "$rate" --connections 10 "${both[@]}" "${spread[@]}"
 done
