@@ -114,16 +114,16 @@ impl RedisEngine {
             }
             segments.push(self.segment(sender, segment, charge));
         }
-        let answers = if self.conn.pipelines_across_rooms() {
-            let calls: Vec<&AppendCall> = segments.iter().flat_map(|s| &s.calls).collect();
-            self.eval(&calls).await
+        // The round trips, in order: the whole run, or each segment.
+        let trips: Vec<Vec<&AppendCall>> = if self.conn.pipelines_across_rooms() {
+            vec![segments.iter().flat_map(|s| &s.calls).collect()]
         } else {
-            let mut answers = Vec::new();
-            for segment in &segments {
-                answers.extend(self.eval(&segment.calls.iter().collect::<Vec<_>>()).await);
-            }
-            answers
+            segments.iter().map(|s| s.calls.iter().collect()).collect()
         };
+        let mut answers = Vec::new();
+        for trip in &trips {
+            answers.extend(self.eval(trip).await);
+        }
         let mut answers = answers.into_iter();
         let mut published = Vec::new();
         for Segment { refused, calls } in segments {
