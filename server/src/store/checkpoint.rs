@@ -35,7 +35,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use rusqlite::{Connection, ErrorCode, hooks::Wal, wal::CheckpointMode};
+use rusqlite::{Connection, ErrorCode, OpenFlags, hooks::Wal, wal::CheckpointMode};
 
 use super::StoreError;
 
@@ -101,7 +101,7 @@ impl Checkpointer {
     /// Opens a connection of its own to `path`, starts the thread and installs the hook on
     /// `writer` (which turns SQLite's automatic checkpoint off on it).
     pub(super) fn attach(path: &Path, writer: &mut Connection) -> Result<Self, StoreError> {
-        let connection = Connection::open(path)?;
+        let connection = super::sqlite::connect(path, OpenFlags::default())?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         // One pending signal is enough: a checkpoint copies every frame there is.
         let (signal, signals) = mpsc::sync_channel(1);

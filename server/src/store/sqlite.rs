@@ -24,6 +24,15 @@
 //!
 //! **One server per data dir.** The store holds an exclusive lock on `LOCK` in the data
 //! dir; a second server on the same dir is refused at start.
+//!
+//! **No file locks per transaction.** Every connection opens through SQLite's `unix-excl`
+//! VFS ([`connect`]): the first lock this process takes on the database is an exclusive
+//! one, held until the last connection closes, and the WAL's index lives in this
+//! process's memory instead of a `-shm` file. The connections of this process still
+//! coordinate through SQLite's in-process lock table, as they always did. What goes is
+//! the `fcntl` calls around every transaction: six per commit at light load, as many as
+//! the commit's writes to the WAL. Other processes, which the `LOCK` already kept out of
+//! a running server's data dir, find the database locked.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -146,7 +155,7 @@ impl SqliteStore {
         lock.try_lock()
             .map_err(|_| StoreError::InUse(data_dir.to_owned()))?;
         let path = data_dir.join(DATABASE_FILE);
-        let mut connection = Connection::open(&path)?;
+        let mut connection = connect(&path, OpenFlags::default())?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         migrate(&mut connection)?;
@@ -241,9 +250,20 @@ impl Readers {
     }
 }
 
+/// A connection to the database at `path`, through SQLite's `unix-excl` VFS (the
+/// module's "No file locks per transaction").
+pub(super) fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags_and_vfs(path, flags, c"unix-excl")
+}
+
 /// A read-only connection to the database at `path`.
+///
+/// A read-only connection is the one kind `unix-excl` lets take POSIX locks of its own,
+/// but only when no other connection of this process holds one: in WAL mode the writer
+/// holds its shared lock for as long as it is open, so a reader never does (a test pins
+/// that the process's one lock stays exclusive).
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
-    let connection = Connection::open_with_flags(
+    let connection = connect(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
@@ -899,6 +919,44 @@ mod tests {
         store.close();
         let late = append_within(&store, message("r", 1, "a"));
         assert!(matches!(late, Ok(Err(StoreError::Closed))), "{late:?}");
+    }
+
+    /// The process holds one exclusive POSIX lock on the database, taken at open, and
+    /// nothing else: the writer, the checkpoints and the pooled readers coordinate in
+    /// memory. With SQLite's default VFS the process holds a shared lock instead, which
+    /// each transaction takes further locks beside (`fcntl` calls), and the WAL's index
+    /// is a `-shm` file; here it is in memory.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_process_holds_one_exclusive_lock_and_no_shared_memory_file() {
+        use std::os::unix::fs::MetadataExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        wait(&store, |s, done| s.create_room(room("r"), done)).unwrap();
+        for seq in 1..=3 {
+            append_led(&store, message("r", seq, &format!("id{seq}"))).unwrap();
+            assert_eq!(store.read_after("r", 0, 10).unwrap().len() as u64, seq);
+        }
+        assert!(store.readers.open() > 0, "a pooled reader was used");
+
+        let path = dir.path().join(DATABASE_FILE);
+        // `/proc/locks`: "1: POSIX  ADVISORY  WRITE 4242 fd:01:1234 1073741826 1073742335"
+        let inode = format!(":{} ", std::fs::metadata(&path).unwrap().ino());
+        let pid = format!(" {} ", std::process::id());
+        let locks: Vec<String> = std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .filter(|line| line.contains(&inode) && line.contains(&pid))
+            .map(|line| line.split_whitespace().skip(1).take(3).collect())
+            .collect();
+        assert_eq!(
+            locks,
+            ["POSIXADVISORYWRITE"],
+            "this process's locks on the database"
+        );
+        let shm = dir.path().join(format!("{DATABASE_FILE}-shm"));
+        assert!(!shm.exists(), "the WAL index is in memory, not in {shm:?}");
     }
 
     #[test]
