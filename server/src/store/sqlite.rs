@@ -25,10 +25,10 @@
 //! **One server per data dir.** The store holds an exclusive lock on `LOCK` in the data
 //! dir; a second server on the same dir is refused at start.
 //!
-//! **No file locks per transaction.** Every connection opens through SQLite's `unix-excl`
-//! VFS ([`connect`]): the first lock this process takes on the database is an exclusive
-//! one, held until the last connection closes, and the WAL's index lives in this
-//! process's memory instead of a `-shm` file. The connections of this process still
+//! **No file locks per transaction.** On Unix every connection opens through SQLite's
+//! `unix-excl` VFS ([`connect`]): the first lock this process takes on the database is an
+//! exclusive one, held until the last connection closes, and the WAL's index lives in
+//! this process's memory instead of a `-shm` file. The connections of this process still
 //! coordinate through SQLite's in-process lock table, as they always did. What goes is
 //! the `fcntl` calls around every transaction: six per commit at light load, as many as
 //! the commit's writes to the WAL. Other processes, which the `LOCK` already kept out of
@@ -252,8 +252,16 @@ impl Readers {
 
 /// A connection to the database at `path`, through SQLite's `unix-excl` VFS (the
 /// module's "No file locks per transaction").
+#[cfg(unix)]
 pub(super) fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
     Connection::open_with_flags_and_vfs(path, flags, c"unix-excl")
+}
+
+/// A connection to the database at `path`, through SQLite's default VFS: `unix-excl` is
+/// Unix's, and elsewhere the `LOCK` is the only process-wide lock.
+#[cfg(not(unix))]
+pub(super) fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    Connection::open_with_flags(path, flags)
 }
 
 /// A read-only connection to the database at `path`.
