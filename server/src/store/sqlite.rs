@@ -257,8 +257,8 @@ pub(super) fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connect
     Connection::open_with_flags_and_vfs(path, flags, c"unix-excl")
 }
 
-/// A connection to the database at `path`, through SQLite's default VFS: `unix-excl` is
-/// Unix's, and elsewhere the `LOCK` is the only process-wide lock.
+/// A connection to the database at `path`, through SQLite's default VFS (`unix-excl` is
+/// a VFS of SQLite's Unix build), which locks the file around every transaction.
 #[cfg(not(unix))]
 pub(super) fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
     Connection::open_with_flags(path, flags)
@@ -267,9 +267,10 @@ pub(super) fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connect
 /// A read-only connection to the database at `path`.
 ///
 /// A read-only connection is the one kind `unix-excl` lets take POSIX locks of its own,
-/// but only when no other connection of this process holds one: in WAL mode the writer
-/// holds its shared lock for as long as it is open, so a reader never does (a test pins
-/// that the process's one lock stays exclusive).
+/// but only when no other connection of this process holds one: in WAL mode every
+/// connection keeps its shared lock for as long as it is open (`pager_unlock` ends only
+/// the WAL read), so with the writer open a reader never does (a test pins that the
+/// process's one lock stays exclusive).
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     let connection = connect(
         path,
