@@ -26,7 +26,6 @@
 
 use std::{
     ffi::c_int,
-    path::Path,
     sync::{
         Arc, Condvar, Mutex, TryLockError,
         atomic::{AtomicI32, Ordering},
@@ -35,7 +34,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, hooks::Wal, wal::CheckpointMode};
+use rusqlite::{Connection, ErrorCode, hooks::Wal, wal::CheckpointMode};
 
 use super::StoreError;
 
@@ -98,10 +97,13 @@ impl Done {
 }
 
 impl Checkpointer {
-    /// Opens a connection of its own to `path`, starts the thread and installs the hook on
-    /// `writer` (which turns SQLite's automatic checkpoint off on it).
-    pub(super) fn attach(path: &Path, writer: &mut Connection) -> Result<Self, StoreError> {
-        let connection = super::sqlite::connect(path, OpenFlags::default())?;
+    /// Starts the thread on `connection`, a connection of its own to the writer's
+    /// database, and installs the hook on `writer` (which turns SQLite's automatic
+    /// checkpoint off on it).
+    pub(super) fn attach(
+        connection: Connection,
+        writer: &mut Connection,
+    ) -> Result<Self, StoreError> {
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         // One pending signal is enough: a checkpoint copies every frame there is.
         let (signal, signals) = mpsc::sync_channel(1);

@@ -159,7 +159,8 @@ impl SqliteStore {
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "NORMAL")?;
         migrate(&mut connection)?;
-        let checkpointer = Checkpointer::attach(&path, &mut connection)?;
+        let checkpointer =
+            Checkpointer::attach(connect(&path, OpenFlags::default())?, &mut connection)?;
         let checkpoints = checkpointer.done();
 
         let writer = Writer::start(connection, checkpointer)?;
@@ -253,14 +254,14 @@ impl Readers {
 /// A connection to the database at `path`, through SQLite's `unix-excl` VFS (the
 /// module's "No file locks per transaction").
 #[cfg(unix)]
-pub(super) fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
     Connection::open_with_flags_and_vfs(path, flags, c"unix-excl")
 }
 
 /// A connection to the database at `path`, through SQLite's default VFS (`unix-excl` is
 /// a VFS of SQLite's Unix build), which locks the file around every transaction.
 #[cfg(not(unix))]
-pub(super) fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+fn connect(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
     Connection::open_with_flags(path, flags)
 }
 
