@@ -9,15 +9,14 @@
 
 use std::{sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use futures::{StreamExt as _, TryStreamExt as _, stream};
 use hdrhistogram::Histogram;
-use tokio::{
-    sync::watch,
-    time::{Instant, MissedTickBehavior},
-};
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
     Common, Report,
+    pace::Pacer,
     system::{Feed, Link, Outlet, System},
     target::Target,
     wire,
@@ -301,8 +300,14 @@ struct Published {
     errors: u64,
 }
 
+/// Wakes of a publisher come at least this far apart: above 1,000 msg/s, each wake sends
+/// every message then due, as one burst.
+const MIN_STEP: Duration = Duration::from_millis(1);
+
 /// Publishes at `rate` messages a second over the outlet's rooms, round robin, until the
 /// clock's end; then tells each room's readers the number of its last message in the window.
+/// Each message is sent at its intended time (or in the first burst after it, above
+/// [`MIN_STEP`]'s rate), to the microsecond: see [`Pacer`].
 async fn publish(
     outlet: &Outlet,
     lasts: &[Last],
@@ -310,20 +315,24 @@ async fn publish(
     payload: usize,
     clock: Clock,
 ) -> anyhow::Result<Published> {
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut pacer = Pacer::new().context("a timer for the publisher")?;
     let mut sent: u64 = 0;
     let mut in_window: u64 = 0;
     let mut last_in_window = vec![0u64; lasts.len()];
     let rooms = lasts.len() as u64;
     let total = ((clock.end - clock.start).as_secs_f64() * rate) as u64;
-    loop {
-        let now = tick.tick().await;
-        // Message n is due at `start + n / rate`: by now, all up to floor(elapsed · rate).
-        let due = (((now - clock.start).as_secs_f64() * rate) as u64 + 1).min(total);
-        while sent < due {
+    // Message n is due at `start + n / rate`, to the µs its marker carries.
+    let offset = |n: u64| (n as f64 * 1e6 / rate) as u64;
+    let mut woke: Option<Instant> = None;
+    while sent < total {
+        let next = clock.start + Duration::from_micros(offset(sent));
+        let wake = woke.map_or(next, |woke| next.max(woke + MIN_STEP));
+        pacer.until(wake).await?;
+        woke = Some(wake);
+        let now = Instant::now().max(wake);
+        while sent < total && clock.start + Duration::from_micros(offset(sent)) <= now {
             let n = sent;
-            let intended = clock.start_micros + (n as f64 * 1e6 / rate) as u64;
+            let intended = clock.start_micros + offset(n);
             let room = (n % rooms) as usize;
             // Numbers count from 1 per publisher, so 0 means "nothing sent".
             let number = n + 1;
@@ -334,10 +343,8 @@ async fn publish(
             outlet.send(room, intended, number, payload).await?;
             sent += 1;
         }
-        if now >= clock.end {
-            break;
-        }
     }
+    tokio::time::sleep_until(clock.end).await;
     for (last, number) in lasts.iter().zip(last_in_window) {
         last.send_replace(Some(number));
     }

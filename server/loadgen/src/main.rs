@@ -8,6 +8,7 @@
 //! each, one connection per subscriber unless told otherwise.
 
 mod load;
+mod pace;
 mod probes;
 mod process;
 mod report;
