@@ -4,7 +4,8 @@ A message is found by the server's first read after 20 ms without a read or writ
 light load the core is idle between messages). Every write after it to another socket
 is a delivery (eight-byte writes, a runtime waking its own thread through an eventfd,
 are left out); the generator's reads after it are the subscribers' (and the publisher's
-reply, one among a hundred). Times are medians over the messages, in µs from the server's
+reply, one among a hundred; eight-byte reads, of an eventfd or of the publisher's
+timerfd, are left out too). Times are medians over the messages, in µs from the server's
 read of the publisher's frame.
 """
 
@@ -27,8 +28,8 @@ def load(base):
         if not m:
             continue
         fd, count = FD.search(m.group(4)), COUNT.search(m.group(4))
-        if m.group(3) == "sys_enter_write" and count and int(count.group(1), 16) == 8:
-            continue  # an eventfd: a runtime waking one of its threads, not a socket
+        if m.group(3) in ("sys_enter_write", "sys_enter_read") and count and int(count.group(1), 16) == 8:
+            continue  # an eventfd (a runtime waking one of its threads) or a timerfd, not a socket
         event = (float(m.group(2)), m.group(3), int(fd.group(1), 16) if fd else None)
         (server if m.group(1) == server_pid else bench).append(event)
     return server, bench
