@@ -323,14 +323,15 @@ async fn publish(
     let total = ((clock.end - clock.start).as_secs_f64() * rate) as u64;
     // Message n is due at `start + n / rate`, to the µs its marker carries.
     let offset = |n: u64| (n as f64 * 1e6 / rate) as u64;
+    let due_at = |n: u64| clock.start + Duration::from_micros(offset(n));
     let mut woke: Option<Instant> = None;
     while sent < total {
-        let next = clock.start + Duration::from_micros(offset(sent));
+        let next = due_at(sent);
         let wake = woke.map_or(next, |woke| next.max(woke + MIN_STEP));
         pacer.until(wake).await?;
         woke = Some(wake);
         let now = Instant::now().max(wake);
-        while sent < total && clock.start + Duration::from_micros(offset(sent)) <= now {
+        while sent < total && due_at(sent) <= now {
             let n = sent;
             let intended = clock.start_micros + offset(n);
             let room = (n % rooms) as usize;

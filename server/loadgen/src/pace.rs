@@ -10,7 +10,7 @@
 //! time comes (an hrtimer, without the timer slack of `nanosleep`), so a message now
 //! leaves within the time it takes to wake a thread.
 
-use std::{io, os::fd::OwnedFd, time::Duration};
+use std::{io, os::fd::OwnedFd};
 
 use rustix::time::{
     Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec, timerfd_create,
@@ -44,9 +44,12 @@ impl Pacer {
         if wait.is_zero() {
             return Ok(());
         }
-        let zero = Timespec::try_from(Duration::ZERO).map_err(io::Error::other)?;
         let due = Itimerspec {
-            it_interval: zero,
+            // One-shot: no interval.
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
             it_value: Timespec::try_from(wait).map_err(io::Error::other)?,
         };
         timerfd_settime(self.timer.get_ref(), TimerfdTimerFlags::empty(), &due)?;
@@ -65,6 +68,8 @@ impl Pacer {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
