@@ -94,7 +94,7 @@ enum Scenario {
     SlowReader(Fanout),
     /// The same scenario against Confab and nats-server, back to back, each started here
     /// and pinned alike: both reports and their ratio. Fan-out by default (`--subscribers`),
-    /// rooms with `--rooms`, or `compare idle`.
+    /// rooms with `--rooms`, `compare idle` or `compare pingpong`.
     Compare(Compare),
 }
 
@@ -147,7 +147,7 @@ struct Idle {
 #[command(args_conflicts_with_subcommands = true)]
 struct Compare {
     #[command(subcommand)]
-    idle: Option<CompareIdle>,
+    probe: Option<CompareProbe>,
     /// Subscribers of the one room (fan-out).
     #[arg(long, default_value_t = 100, conflicts_with = "rooms")]
     subscribers: usize,
@@ -170,9 +170,15 @@ struct Compare {
 }
 
 #[derive(Debug, Clone, Subcommand)]
-enum CompareIdle {
+enum CompareProbe {
     /// Idle connections on each: memory per connection and CPU while quiet.
     Idle(Idle),
+    /// One message in flight on each: the round trip through the server.
+    Pingpong {
+        /// Text bytes per message.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
 }
 
 /// This process's own usage.
@@ -271,8 +277,9 @@ async fn run(scenario: &Scenario, common: &Common, target: &Target) -> anyhow::R
 
 /// Runs the compared scenario on Confab, then on nats-server, each started for it.
 async fn compare(compare: &Compare, common: &Common) -> anyhow::Result<Comparison> {
-    let scenario = match (&compare.idle, compare.rooms) {
-        (Some(CompareIdle::Idle(idle)), _) => Scenario::Idle(idle.clone()),
+    let scenario = match (&compare.probe, compare.rooms) {
+        (Some(CompareProbe::Idle(idle)), _) => Scenario::Idle(idle.clone()),
+        (Some(CompareProbe::Pingpong { payload }), _) => Scenario::Pingpong { payload: *payload },
         (None, Some(rooms)) => Scenario::Rooms(Rooms {
             rooms,
             per_room: compare.per_room,

@@ -3,33 +3,27 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
-use bytes::Bytes;
 use futures::{StreamExt as _, TryStreamExt as _, stream};
-use tokio::{sync::mpsc, time::Instant};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::time::Instant;
 
 use crate::{
     Common, Report,
     load::{SETUP_CONCURRENCY, histogram, micros},
     own_usage, round2,
-    system::Link,
+    system::{Echo, Link},
     target::Target,
-    wire::{self, Connection},
 };
 
 /// How long the server is left to settle after the idle connections are open (buffers
 /// shrink after the handshakes) before its memory is read.
 const SETTLE: Duration = Duration::from_secs(2);
 
-/// One message in flight at a time: its round trip is the latency (Confab only).
+/// One message in flight at a time: its round trip through the server is the latency
+/// ([`Echo`]: on Confab a joined `Chat` stream that gets its own messages back, on NATS a
+/// client subscribed to its own subject).
 pub async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyhow::Result<Report> {
-    let connection =
-        Connection::open(target.url(), &format!("pinger-{:x}", std::process::id())).await?;
-    let (frames, outgoing) = mpsc::channel::<Bytes>(16);
-    let mut responses = connection.chat(ReceiverStream::new(outgoing)).await?;
-    frames.send(wire::join(1, "pingpong")).await?;
-    responses.message().await?.context("joined")?;
+    let name = format!("pinger-{:x}", std::process::id());
+    let mut echo = Echo::open(target.system, target.url(), &name, "pingpong").await?;
     let mut latency = histogram();
     let start = Instant::now();
     let measure_from = start + common.warmup;
@@ -40,21 +34,8 @@ pub async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyho
     while Instant::now() < end {
         number += 1;
         let sent_at = Instant::now();
-        frames
-            .send(wire::message(
-                number + 1,
-                "pingpong",
-                wire::now_micros(),
-                number,
-                payload,
-            ))
-            .await?;
-        loop {
-            let frame = responses.message().await?.context("the stream ended")?;
-            if wire::stamp(&frame).is_some_and(|(_, n)| n == number) {
-                break;
-            }
-        }
+        echo.send(number, payload).await?;
+        echo.back(number).await?;
         if sent_at >= measure_from {
             if before.is_none() {
                 before = Some((target.usage(), own_usage()));
@@ -67,6 +48,7 @@ pub async fn pingpong(payload: usize, common: &Common, target: &Target) -> anyho
     let (before, load_before) = before.unwrap_or((after, load_after));
     Ok(Report {
         scenario: "pingpong".into(),
+        system: target.system,
         subscribers: 1,
         sent: number,
         expected: delivered,

@@ -141,12 +141,14 @@ impl Comparison {
             println!("{}", serde_json::to_string(self)?);
             return Ok(());
         }
-        match self.confab.subscribers {
-            0 => println!("{}", self.confab.scenario),
-            subscribers => println!(
-                "{}: {} msg/s offered, {subscribers} subscribers",
-                self.confab.scenario, self.confab.offered_msgs_per_sec
-            ),
+        // Idle and pingpong have no publishing schedule to tell.
+        if self.confab.offered_msgs_per_sec > 0.0 {
+            println!(
+                "{}: {} msg/s offered, {} subscribers",
+                self.confab.scenario, self.confab.offered_msgs_per_sec, self.confab.subscribers
+            );
+        } else {
+            println!("{}", self.confab.scenario);
         }
         println!(
             "{:<30} {:>14} {:>14} {:>12}",

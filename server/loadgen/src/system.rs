@@ -123,6 +123,90 @@ impl Link {
     }
 }
 
+/// One connection that sends a message and waits for it to come back (`pingpong`): on
+/// Confab a `Chat` stream joined to the room, which gets its own messages back as a chat
+/// client does; on NATS a client subscribed to the subject it publishes to.
+pub enum Echo {
+    Confab {
+        frames: mpsc::Sender<Bytes>,
+        responses: tonic::Streaming<Bytes>,
+        room: String,
+    },
+    Nats {
+        client: async_nats::Client,
+        subject: async_nats::Subject,
+        subscription: async_nats::Subscriber,
+    },
+}
+
+impl Echo {
+    /// Connects to `url` (on Confab, as `name`) and joins or subscribes to `room`.
+    pub async fn open(system: System, url: &str, name: &str, room: &str) -> anyhow::Result<Self> {
+        match Link::open(system, url, name).await? {
+            Link::Confab(connection) => {
+                let (frames, outgoing) = mpsc::channel::<Bytes>(16);
+                let mut responses = connection.chat(ReceiverStream::new(outgoing)).await?;
+                frames.send(wire::join(1, room)).await?;
+                responses
+                    .message()
+                    .await?
+                    .context("the reply to the join")?;
+                Ok(Self::Confab {
+                    frames,
+                    responses,
+                    room: room.to_owned(),
+                })
+            }
+            Link::Nats(client) => {
+                let subject = subject(room);
+                let subscription = client.subscribe(subject.clone()).await?;
+                round_trip(&client).await?;
+                Ok(Self::Nats {
+                    client,
+                    subject: subject.into(),
+                    subscription,
+                })
+            }
+        }
+    }
+
+    /// Sends message `number`, padded to `payload` bytes.
+    pub async fn send(&mut self, number: u64, payload: usize) -> anyhow::Result<()> {
+        let intended = wire::now_micros();
+        match self {
+            Self::Confab { frames, room, .. } => {
+                // Request ids 2 and up: 1 was the join.
+                let frame = wire::message(number + 1, room, intended, number, payload);
+                frames.send(frame).await?;
+            }
+            Self::Nats {
+                client, subject, ..
+            } => {
+                let text = wire::marked_text(intended, number, payload);
+                client.publish(subject.clone(), text.into()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until message `number` comes back; whatever else arrives meanwhile (on
+    /// Confab, the acks) is passed over.
+    pub async fn back(&mut self, number: u64) -> anyhow::Result<()> {
+        loop {
+            let frame = match self {
+                Self::Confab { responses, .. } => responses.message().await?,
+                Self::Nats { subscription, .. } => {
+                    subscription.next().await.map(|message| message.payload)
+                }
+            };
+            let frame = frame.context("the stream ended")?;
+            if wire::stamp(&frame).is_some_and(|(_, n)| n == number) {
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Waits until nats-server has read everything this client sent before: a request that
 /// no one answers comes back as "no responders" only after the server has read it, and it
 /// reads a connection's commands in order.
