@@ -39,6 +39,7 @@ else
     "--rooms 1000 --per-room 10 --rate 2"
     "--rooms 1000 --per-room 10 --rate 5"
     "idle --connections 10000"
+    "pingpong"
   )
 fi
 : >"$out"

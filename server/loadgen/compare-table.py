@@ -6,7 +6,8 @@ Each row is one `compare` scenario, C for Confab and N for nats-server. A cell g
 median over the runs and, in brackets, every run's figure in the order they ran (with an
 even number of runs the median is the upper middle one). CPU per delivery is the
 server's CPU time in the measured window over the deliveries in it; `lost` counts what
-had not arrived 10 s after publishing stopped.
+had not arrived 10 s after publishing stopped. The pingpong row's deliveries are round
+trips.
 """
 import json
 import sys
@@ -27,7 +28,10 @@ def cell(runs, side, read, fmt):
 
 
 def ms(us):
-    # Light-load latencies are a millisecond or two: to the 10 µs there.
+    # Light-load latencies are a millisecond or two: to the 10 µs there; a round trip is
+    # under one, to the µs.
+    if us < 1_000:
+        return f"{us / 1000:.3f}"
     return f"{us / 1000:.2f}" if us < 10_000 else f"{us / 1000:.1f}"
 
 
