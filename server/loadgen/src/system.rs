@@ -190,7 +190,7 @@ impl Echo {
     }
 
     /// Waits until message `number` comes back; whatever else arrives meanwhile (on
-    /// Confab, the acks) is passed over.
+    /// Confab, the acks) is passed over, and a refusal ends the run.
     pub async fn back(&mut self, number: u64) -> anyhow::Result<()> {
         loop {
             let frame = match self {
@@ -202,6 +202,14 @@ impl Echo {
             let frame = frame.context("the stream ended")?;
             if wire::stamp(&frame).is_some_and(|(_, n)| n == number) {
                 return Ok(());
+            }
+            if let Self::Confab { .. } = self
+                && let Ok(pb::ChatResponse {
+                    event: Some(pb::chat_response::Event::Error(error)),
+                    ..
+                }) = pb::ChatResponse::decode(frame)
+            {
+                bail!("message {number} was refused: {}", error.message);
             }
         }
     }
