@@ -204,12 +204,9 @@ impl Echo {
                 return Ok(());
             }
             if let Self::Confab { .. } = self
-                && let Ok(pb::ChatResponse {
-                    event: Some(pb::chat_response::Event::Error(error)),
-                    ..
-                }) = pb::ChatResponse::decode(frame)
+                && let Some(refusal) = wire::refusal(frame)
             {
-                bail!("message {number} was refused: {}", error.message);
+                bail!("message {number} was refused: {refusal}");
             }
         }
     }
@@ -288,11 +285,9 @@ impl Outlet {
         let replies = tokio::spawn(async move {
             let mut errors = 0;
             while let Ok(Some(frame)) = responses.message().await {
-                if let Ok(response) = pb::ChatResponse::decode(frame)
-                    && let Some(pb::chat_response::Event::Error(error)) = response.event
-                {
+                if let Some(refusal) = wire::refusal(frame) {
                     if errors == 0 {
-                        eprintln!("confab-bench: a send was refused: {}", error.message);
+                        eprintln!("confab-bench: a send was refused: {refusal}");
                     }
                     errors += 1;
                 }

@@ -114,6 +114,15 @@ pub fn marked_text(intended: u64, number: u64, payload: usize) -> String {
     text
 }
 
+/// What the server said when it refused a command, if `frame` (a `ChatResponse`) is an
+/// error reply.
+pub fn refusal(frame: Bytes) -> Option<String> {
+    match pb::ChatResponse::decode(frame).ok()?.event? {
+        pb::chat_response::Event::Error(error) => Some(error.message),
+        _ => None,
+    }
+}
+
 /// The marker of a message event: its intended send time (µs) and number.
 pub fn stamp(frame: &[u8]) -> Option<(u64, u64)> {
     let mut from = 0;
