@@ -13,7 +13,7 @@
 #   CONNS=50000 QUIET=120s MEMORY=16G bash server/loadgen/idle-vm.sh
 #   ACCEL=kvm bash server/loadgen/idle-vm.sh            # where nested KVM works
 # Needs root (apt-get) and about 2 GiB of guest memory per 10,000 connections. Prints
-# each run's JSON, as `compare --json` does.
+# each run's JSON, as `compare --json` does, or the bench's error.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build -q --release -p confab-server -p confab-bench
@@ -72,4 +72,4 @@ chmod +x "$root"/init
 qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m "$memory" -nographic -no-reboot \
   -kernel "$work"/unpacked/boot/vmlinuz-* -initrd "$work"/initrd.gz \
   -append "console=ttyS0 quiet random.trust_cpu=on panic=-1 transparent_hugepage=madvise" |
-  grep -a -E '^(==|\{)'
+  grep -a -E '^(==|\{|confab-bench:)'
