@@ -12,6 +12,7 @@
 #   bash server/loadgen/idle-vm.sh                      # 10,000 then 50,000 connections
 #   CONNS=50000 QUIET=120s MEMORY=16G bash server/loadgen/idle-vm.sh
 #   ACCEL=kvm bash server/loadgen/idle-vm.sh            # where nested KVM works
+#   SERVER=/path/to/confab-server bash server/loadgen/idle-vm.sh   # another build (before/after)
 # Needs root (apt-get) and about 2 GiB of guest memory per 10,000 connections. Prints
 # each run's JSON, as `compare --json` does, or the bench's error.
 set -euo pipefail
@@ -21,6 +22,7 @@ conns=${CONNS:-10000 50000}
 quiet=${QUIET:-30s}
 memory=${MEMORY:-16G}
 accel=${ACCEL:-tcg}
+server=${SERVER:-target/release/confab-server}
 command -v qemu-system-x86_64 >/dev/null ||
   apt-get install -y --no-install-recommends qemu-system-x86 >/dev/null
 work=$(mktemp -d)
@@ -38,7 +40,8 @@ mkdir -p "$root"/{bin,usr/bin,usr/sbin,opt,lib64,lib/x86_64-linux-gnu,proc,sys,d
 cp "$work"/unpacked/bin/busybox "$root"/bin/
 cp "$(command -v taskset)" "$root"/usr/bin/
 cp "$(command -v nats-server)" "$root"/usr/sbin/
-cp target/release/confab-server target/release/confab-bench "$root"/opt/
+cp "$server" "$root"/opt/confab-server
+cp target/release/confab-bench "$root"/opt/
 for binary in "$root"/opt/* "$root"/usr/bin/taskset "$root"/usr/sbin/nats-server; do
   ldd "$binary" | awk '/=> \//{print $3} /^[ \t]*\/lib64/{print $1}'
 done | sort -u | while read -r lib; do

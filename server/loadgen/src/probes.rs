@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use anyhow::bail;
 use futures::{StreamExt as _, TryStreamExt as _, stream};
 use tokio::time::Instant;
 
@@ -88,8 +89,10 @@ pub async fn idle(
         .await?;
     tokio::time::sleep(SETTLE).await;
     let (settled, load_settled) = (target.usage(), own_usage());
+    all_held(target, connections, "once they were all open")?;
     tokio::time::sleep(common.duration).await;
     let (after, load_after) = (target.usage(), own_usage());
+    all_held(target, connections, "after the quiet window")?;
     drop(open);
     let grown = settled.rss_bytes.saturating_sub(before.rss_bytes);
     let cpu_s = after.cpu_s - settled.cpu_s;
@@ -104,4 +107,20 @@ pub async fn idle(
         idle_cpu_pct: Some(round2(cpu_s * 100.0 / common.duration.as_secs_f64())),
         ..Report::default()
     })
+}
+
+/// Fails unless the server still holds all `connections` idle connections. Memory per
+/// connection is only worth reading if none were lost: a server that closed some (keepalive
+/// pings answered too late by a loaded client, say) would look cheaper than it is.
+fn all_held(target: &Target, connections: usize, when: &str) -> anyhow::Result<()> {
+    if let Some(held) = target.connections_held()?
+        && held < connections
+    {
+        bail!(
+            "idle on {}: the server holds {held} of the {connections} connections {when}; \
+             the others were closed",
+            target.system
+        );
+    }
+    Ok(())
 }

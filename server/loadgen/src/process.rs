@@ -196,6 +196,36 @@ pub fn usage(pid: u32) -> anyhow::Result<Usage> {
     })
 }
 
+/// How many TCP connections `pid` holds open on its listening `port`: the ESTABLISHED rows
+/// of `/proc/<pid>/net/tcp` and `tcp6` (its own network namespace) with that local port.
+pub fn established(pid: u32, port: u16) -> anyhow::Result<usize> {
+    let mut count = 0;
+    for table in ["tcp", "tcp6"] {
+        let path = format!("/proc/{pid}/net/{table}");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            // A kernel without IPv6 has no tcp6.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error).with_context(|| format!("cannot read {path}")),
+        };
+        // `sl local_address rem_address st …`, addresses as `HEXADDR:HEXPORT`; 01 is ESTABLISHED.
+        count += text
+            .lines()
+            .skip(1)
+            .filter(|row| {
+                let mut fields = row.split_whitespace().skip(1);
+                let local_port = fields
+                    .next()
+                    .and_then(|local| local.rsplit_once(':'))
+                    .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok());
+                let state = fields.nth(1);
+                local_port == Some(port) && state == Some("01")
+            })
+            .count();
+    }
+    Ok(count)
+}
+
 /// Pins this process (and the threads it starts from now on) to CPU 1.
 pub fn pin_self() {
     let pid = std::process::id().to_string();
@@ -221,5 +251,30 @@ pub fn raise_file_limit() {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    #[test]
+    fn it_counts_the_connections_a_process_holds_on_its_port() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let pid = std::process::id();
+        assert_eq!(established(pid, port).unwrap(), 0);
+        // This process holds both ends; only the accepted ends have the listening port.
+        let clients: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let mut accepted: Vec<TcpStream> = (0..3).map(|_| listener.accept().unwrap().0).collect();
+        assert_eq!(established(pid, port).unwrap(), 3);
+        // A connection this side closed is no longer held.
+        drop(accepted.pop());
+        assert_eq!(established(pid, port).unwrap(), 2);
+        drop(clients);
     }
 }

@@ -71,6 +71,20 @@ impl Target {
         &self.publish_urls[p % self.publish_urls.len()]
     }
 
+    /// How many connections the first server holds open now, if its process id is known
+    /// (always for a server this run started) and its address has a port.
+    pub fn connections_held(&self) -> anyhow::Result<Option<usize>> {
+        let port = self
+            .url()
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok());
+        match (self.pids.first(), port) {
+            (Some(&pid), Some(port)) => process::established(pid, port).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// The servers' usage, summed.
     pub fn usage(&self) -> Usage {
         self.pids
