@@ -88,8 +88,9 @@ pub async fn idle(
         .try_collect::<Vec<_>>()
         .await?;
     tokio::time::sleep(SETTLE).await;
-    let (settled, load_settled) = (target.usage(), own_usage());
+    // Counted before the quiet window starts, so that the count's time is not in it.
     all_held(target, connections, "once they were all open")?;
+    let (settled, load_settled) = (target.usage(), own_usage());
     tokio::time::sleep(common.duration).await;
     let (after, load_after) = (target.usage(), own_usage());
     all_held(target, connections, "after the quiet window")?;
