@@ -14,7 +14,7 @@
 #   ACCEL=kvm bash server/loadgen/idle-vm.sh            # where nested KVM works
 #   SERVER=/path/to/confab-server bash server/loadgen/idle-vm.sh   # another build (before/after)
 # Needs root (apt-get) and about 2 GiB of guest memory per 10,000 connections. Prints
-# each run's JSON, as `compare --json` does, or the bench's error.
+# each run's JSON, as `compare --json` does, or the bench's error (and then exits 1).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build -q --release -p confab-server -p confab-bench
@@ -51,7 +51,8 @@ done
 cat >"$root"/init <<EOF
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/usr/bin:/usr/sbin:/opt HOME=/tmp
+# The console is a terminal: no colour, so that clap's error line starts with "error:".
+export PATH=/bin:/usr/bin:/usr/sbin:/opt HOME=/tmp NO_COLOR=1
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 ifconfig lo 127.0.0.1 up
@@ -75,4 +76,7 @@ chmod +x "$root"/init
 qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m "$memory" -nographic -no-reboot \
   -kernel "$work"/unpacked/boot/vmlinuz-* -initrd "$work"/initrd.gz \
   -append "console=ttyS0 quiet random.trust_cpu=on panic=-1 transparent_hugepage=madvise" |
-  grep -a -E '^(==|\{|confab-bench:)'
+  grep -a -E '^(==|\{|confab-bench:|error:)' | tee "$work"/out
+# The guest powers off whether or not the bench succeeded: its error line (its own, or
+# clap's for a bad argument) is what says it failed.
+! grep -q -a -E '^(confab-bench:|error:)' "$work"/out
