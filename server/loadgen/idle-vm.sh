@@ -23,6 +23,8 @@ quiet=${QUIET:-30s}
 memory=${MEMORY:-16G}
 accel=${ACCEL:-tcg}
 server=${SERVER:-target/release/confab-server}
+# How the bench's failure reads: its own error line, or clap's for a bad argument.
+failed='confab-bench:|error:'
 command -v qemu-system-x86_64 >/dev/null ||
   apt-get install -y --no-install-recommends qemu-system-x86 >/dev/null
 work=$(mktemp -d)
@@ -76,7 +78,6 @@ chmod +x "$root"/init
 qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m "$memory" -nographic -no-reboot \
   -kernel "$work"/unpacked/boot/vmlinuz-* -initrd "$work"/initrd.gz \
   -append "console=ttyS0 quiet random.trust_cpu=on panic=-1 transparent_hugepage=madvise" |
-  grep -a -E '^(==|\{|confab-bench:|error:)' | tee "$work"/out
-# The guest powers off whether or not the bench succeeded: its error line (its own, or
-# clap's for a bad argument) is what says it failed.
-! grep -q -a -E '^(confab-bench:|error:)' "$work"/out
+  grep -a -E "^(==|\{|$failed)" | tee "$work"/out
+# The guest powers off whether or not the bench succeeded: its error line is what says so.
+! grep -q -a -E "^($failed)" "$work"/out
